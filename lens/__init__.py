@@ -1,0 +1,50 @@
+"""lens: find and explain what individual attention heads of a transformer language model do.
+
+Public surface (implementation modules are private):
+
+- ``load(name)`` -> ``Model`` (``.hf``, ``.bridge``, ``.tokenizer``, ``.info``); ``known_models()``
+- capture: ``capture(model, tokens, needs, interventions)`` with needs ``AttentionRows``, ``Residual``,
+  ``Logits`` and interventions ``ZeroQuery``, ``AddToQuery``, ``ScaleSinks``, ``ReplaceZ``
+- store: ``ReportStore(path)``, ``Report``
+- census: ``census(model, detectors, store, ...)``
+"""
+
+from lens._capture.interventions import AddToQuery, Intervention, ReplaceZ, ScaleSinks, ZeroQuery
+from lens._capture.needs import AttentionBlock, AttentionRows, Logits, Residual
+from lens._capture.session import capture, session
+from lens._models.catalog import DEFAULT_MODEL, cache_root, known_models
+from lens._models.model import Model, ModelInfo, PromptTooLongError, UnknownModelError, load
+from lens._store.schema import ReportSchema, SchemaMismatchError
+from lens._store.store import Report, ReportStore, StoreError
+from lens._census import CensusResult, census
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CensusResult",
+    "Report",
+    "ReportSchema",
+    "ReportStore",
+    "SchemaMismatchError",
+    "StoreError",
+    "census",
+    "AddToQuery",
+    "AttentionBlock",
+    "AttentionRows",
+    "DEFAULT_MODEL",
+    "Intervention",
+    "Logits",
+    "Model",
+    "ModelInfo",
+    "PromptTooLongError",
+    "ReplaceZ",
+    "Residual",
+    "ScaleSinks",
+    "UnknownModelError",
+    "ZeroQuery",
+    "cache_root",
+    "capture",
+    "known_models",
+    "load",
+    "session",
+]

@@ -1,0 +1,1 @@
+"""Activation capture: one forward pass, needs reduced inside hooks, optional interventions."""

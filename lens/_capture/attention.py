@@ -1,0 +1,141 @@
+"""The workbench's attention function, registered with transformers' attention interface.
+
+Every supported architecture calls it with the rotated queries and keys (after any q/k norm), the
+values, the mask and the scale. With no capture session active it is exactly SDPA. Inside a session
+it hands attention rows to detectors block by block and applies interventions:
+
+- rows for a few query positions: SDPA computes the output; only those rows' probabilities are
+  computed, against the keys they can see (cost grows with the context, not its square);
+- rows for every position, an edit of the probabilities, or a soft-capped model: the layer's attention
+  is computed blockwise from the probabilities themselves (the output is ``probs @ V``), so each block
+  of rows is computed once and shared by every consumer. Peak memory is one block, never T x T.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import TYPE_CHECKING
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from lens._capture.session import CaptureSession
+
+ATTENTION_IMPLEMENTATION = "lens"
+ACTIVE_SESSION: ContextVar[CaptureSession | None] = ContextVar("lens_capture_session", default=None)
+
+# Elements of one block of attention scores (batch x heads x rows x keys); 2**23 floats = 32 MiB.
+DEFAULT_BLOCK_ELEMENTS = 2**23
+
+
+def register_attention() -> None:
+    """Make ``attn_implementation="lens"`` available to transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ATTENTION_IMPLEMENTATION, lens_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_IMPLEMENTATION, sdpa_mask)
+
+
+def lens_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    session = ACTIVE_SESSION.get()
+    if session is None and kwargs.get("softcap") is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    return session_attention(session, module, query, key, value, attention_mask, scaling, kwargs.get("softcap"))
+
+
+def visible_keys(
+    positions: Int[Tensor, " row"],
+    n_keys: int,
+    attention_mask: Tensor | None,
+    mask_rows: Int[Tensor, " row"],
+) -> Bool[Tensor, "batch_or_1 1 row key"]:
+    """Which keys each query row may attend to: causal, intersected with the model's own mask."""
+    causal = torch.arange(n_keys, device=positions.device)[None, :] <= positions[:, None]
+    allowed = causal[None, None]
+    if attention_mask is not None:
+        rows_mask = attention_mask[:, :, mask_rows, :n_keys]
+        allowed = allowed & (rows_mask if rows_mask.dtype == torch.bool else rows_mask > torch.finfo(rows_mask.dtype).min / 2)
+    return allowed
+
+
+def attention_probs(
+    query_rows: Float[Tensor, "batch head row d_head"],
+    key: Float[Tensor, "batch kv_head key d_head"],
+    allowed: Bool[Tensor, "batch_or_1 1 row key"],
+    scaling: float,
+    softcap: float | None = None,
+) -> Float[Tensor, "batch head row key"]:
+    """Softmax attention of some query rows, in float32, grouped-query aware without repeating keys."""
+    batch, n_heads, n_rows, d_head = query_rows.shape
+    n_kv = key.shape[1]
+    grouped = query_rows.float().reshape(batch, n_kv, (n_heads // n_kv) * n_rows, d_head)
+    scores = torch.matmul(grouped, key.float().transpose(-1, -2)).view(batch, n_heads, n_rows, -1) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+def _row_blocks(rows: Int[Tensor, " row"], rows_per_block: int):
+    for start in range(0, rows.numel(), rows_per_block):
+        yield rows[start : start + rows_per_block]
+
+
+def session_attention(session: CaptureSession | None, module, query, key, value, attention_mask, scaling, softcap):
+    from lens._capture.session import CaptureSession
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    session = session or CaptureSession()  # a soft-capped model outside any session
+    layer = module.layer_idx
+    batch, n_heads, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    offset = kv_len - q_len  # queries are the last q_len positions (non-zero with a KV cache)
+    positions = torch.arange(offset, offset + q_len, device=query.device)
+    edits = session.interventions_at(layer)
+    for edit in edits:
+        query = edit.edit_query(query, positions)
+
+    consumers = session.attention_consumers(layer)
+    prob_edits = [edit for edit in edits if edit.edits_probs]
+    every_row = any(c.positions is None for c in consumers)
+    blockwise = every_row or bool(prob_edits) or softcap is not None
+    rows_per_block = max(1, session.block_elements // max(1, batch * n_heads * kv_len))
+
+    if blockwise:
+        rows = torch.arange(q_len, device=query.device)
+        out = query.new_empty(batch, n_heads, q_len, value.shape[-1])
+    else:
+        wanted = sorted({p for c in consumers for p in c.positions})
+        rows = torch.as_tensor([p - offset if p >= 0 else q_len + p for p in wanted], dtype=torch.long, device=query.device)
+        rows = rows[(rows >= 0) & (rows < q_len)]
+        out = None
+
+    n_kv = key.shape[1]
+    for block in _row_blocks(rows, rows_per_block):
+        block_positions = positions[block]
+        # Causal: no row of this block sees a key past its last position.
+        n_keys = int(block_positions.max()) + 1
+        allowed = visible_keys(block_positions, n_keys, attention_mask, block)
+        probs = attention_probs(query[:, :, block], key[:, :, :n_keys], allowed, scaling, softcap)
+        for edit in prob_edits:
+            probs = edit.edit_probs(probs, block_positions)
+        for consumer in consumers:
+            consumer.offer(layer, block_positions, probs)
+        if out is not None:
+            grouped = probs.reshape(batch, n_kv, -1, n_keys).to(value.dtype)
+            out[:, :, block] = torch.matmul(grouped, value[:, :, :n_keys]).view(batch, n_heads, block.numel(), -1)
+
+    if out is None:
+        attn_output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling)
+    else:
+        attn_output = out.transpose(1, 2).contiguous()
+    for edit in edits:
+        attn_output = edit.edit_z(attn_output, positions)
+    return attn_output, None

@@ -1,0 +1,117 @@
+"""One forward pass that serves many detectors: ``capture(model, tokens, needs, interventions)``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from lens._capture.attention import ACTIVE_SESSION, DEFAULT_BLOCK_ELEMENTS
+from lens._capture.interventions import Intervention
+from lens._capture.needs import AttentionBlock, AttentionRows, Logits, Need, Residual
+
+
+@dataclass
+class _RowsConsumer:
+    """Feeds one ``AttentionRows`` need the part of each block it asked for."""
+
+    need: AttentionRows
+    positions: set[int] | None  # resolved to absolute positions; None = all
+
+    def offer(self, layer: int, positions: Int[Tensor, " row"], probs: Float[Tensor, "batch head row key"]) -> None:
+        if self.positions is not None:
+            keep = torch.as_tensor([int(p) in self.positions for p in positions], device=positions.device)
+            if not bool(keep.any()):
+                return
+            if not bool(keep.all()):
+                positions, probs = positions[keep], probs[:, :, keep]
+        self.need.consume(AttentionBlock(layer, positions, probs))
+
+
+@dataclass
+class CaptureSession:
+    """The needs and interventions active during one forward pass (``seq_len`` resolves negative positions)."""
+
+    needs: Sequence[Need] = ()
+    interventions: Sequence[Intervention] = ()
+    seq_len: int = 0
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS
+    _consumers: dict[int, list[_RowsConsumer]] = field(default_factory=dict)
+
+    def _absolute(self, positions: Sequence[int]) -> set[int]:
+        return {p + self.seq_len if p < 0 else p for p in positions}
+
+    def attention_consumers(self, layer: int) -> list[_RowsConsumer]:
+        if layer not in self._consumers:
+            self._consumers[layer] = [
+                _RowsConsumer(need, None if need.positions is None else self._absolute(need.positions))
+                for need in self.needs
+                if isinstance(need, AttentionRows) and (need.layers is None or layer in need.layers)
+            ]
+        return self._consumers[layer]
+
+    def interventions_at(self, layer: int) -> list[Intervention]:
+        return [edit for edit in self.interventions if edit.layer == layer]
+
+
+@contextmanager
+def _residual_hooks(model, needs: Sequence[Need]) -> Iterator[None]:
+    residual = [need for need in needs if isinstance(need, Residual)]
+    handles = []
+    for index, layer in enumerate(model.adapter.layers(model.hf)):
+        for need in residual:
+            module = layer if need.kind == "resid_post" else model.adapter.mlp_write(layer)
+
+            def hook(_module, _inputs, output, index=index, need=need):
+                need.consume(index, output[0] if isinstance(output, tuple) else output)
+
+            handles.append(module.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def session(model, needs: Sequence[Need] = (), interventions: Sequence[Intervention] = (), *, seq_len: int = 0,
+            block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> Iterator[CaptureSession]:
+    """Activate needs and interventions for every forward pass of ``model.hf`` inside the block
+    (``model.hf.generate`` included)."""
+    active = CaptureSession(needs, interventions, seq_len, block_elements)
+    token = ACTIVE_SESSION.set(active)
+    try:
+        with _residual_hooks(model, needs):
+            yield active
+    finally:
+        ACTIVE_SESSION.reset(token)
+
+
+def capture(
+    model,
+    tokens: Int[Tensor, "batch pos"] | Int[Tensor, " pos"],
+    needs: Sequence[Need] = (),
+    interventions: Sequence[Intervention] = (),
+    *,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    grad: bool = False,
+) -> None:
+    """Run one forward pass over ``tokens`` and feed every need; the LM head runs only where a
+    ``Logits`` need asks. Nothing is returned: needs receive what they asked for."""
+    if tokens.dim() == 1:
+        tokens = tokens[None]
+    seq_len = tokens.shape[1]
+    model.check_length(seq_len)
+    logit_needs = [need for need in needs if isinstance(need, Logits)]
+    logit_positions = sorted({p + seq_len if p < 0 else p for need in logit_needs for p in need.positions})
+    with session(model, needs, interventions, seq_len=seq_len, block_elements=block_elements), torch.set_grad_enabled(grad):
+        keep = torch.as_tensor(logit_positions or [seq_len - 1], device=model.device)
+        logits = model.hf(input_ids=tokens.to(model.device), use_cache=False, logits_to_keep=keep).logits
+    index = {p: i for i, p in enumerate(logit_positions)}
+    for need in logit_needs:
+        rows = [index[p + seq_len if p < 0 else p] for p in need.positions]
+        need.consume(logits[:, rows])

@@ -1,0 +1,180 @@
+"""The head census: run detectors over their probes on one model and store their reports.
+
+Detectors advance in lockstep, one forward pass each per step; passes with the same tokens (and no
+interventions) are merged into one forward pass serving every detector. Reports are written only
+after every detector has finished, then the run manifest: an interrupted census leaves the store as
+it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import platform
+import secrets
+import typing
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+import probes as detector_registry
+from lens._capture.session import capture
+from lens._probe_file import read_probe_file, probe_set_hash
+from lens._store.store import Report, ReportStore
+from probes._base import Detector, ForwardPass, ProbeError
+
+_VERSIONED = ("torch", "transformers", "transformer-lens", "lens-workbench", "numpy", "pandas", "pyarrow", "duckdb")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def new_run_id() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+def parse_params(detector: type[Detector], assignments: dict[str, str]) -> object:
+    """Build a detector's parameter dataclass from ``{"field": "text value"}``."""
+    params_type = detector.ParamsType
+    hints = typing.get_type_hints(params_type)
+    fields = {f.name for f in dataclasses.fields(params_type)}
+    values = {}
+    for key, text in assignments.items():
+        if key not in fields:
+            raise ProbeError(f"detector {detector.name!r} has no parameter {key!r}; parameters: {sorted(fields)}")
+        kind = hints[key]
+        try:
+            values[key] = (text.lower() in ("1", "true", "yes")) if kind is bool else json.loads(text) if kind not in (str,) else text
+            if kind in (int, float):
+                values[key] = kind(values[key])
+        except (ValueError, TypeError):
+            raise ProbeError(f"parameter {detector.name}.{key}: cannot read {text!r} as {getattr(kind, '__name__', kind)}") from None
+    return params_type(**values)
+
+
+@dataclass
+class CensusResult:
+    run_id: str
+    model: str
+    store: ReportStore
+    reports: dict[str, list[Report]] = field(default_factory=dict)
+    summary: dict[str, list[str]] = field(default_factory=dict)
+    n_forward_passes: int = 0
+
+
+def _lockstep(streams: dict[str, Iterator[ForwardPass]]) -> Iterator[list[tuple[str, ForwardPass]]]:
+    """Yield groups of passes that one forward pass can serve, advancing every detector one step."""
+    while streams:
+        step: list[tuple[str, ForwardPass]] = []
+        for name in list(streams):
+            try:
+                step.append((name, next(streams[name])))
+            except StopIteration:
+                del streams[name]
+        groups: dict[bytes, list[tuple[str, ForwardPass]]] = {}
+        for name, forward in step:
+            key = forward.tokens.numpy().tobytes() if not forward.interventions else id(forward).to_bytes(8, "little")
+            groups.setdefault(key, []).append((name, forward))
+        yield from groups.values()
+
+
+def census(
+    model,
+    detectors: Sequence[str],
+    store: ReportStore | str | Path,
+    *,
+    probes_file: str | Path | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    params: dict[str, dict[str, str]] | None = None,
+    prepend_bos: bool = False,
+    on_pass: Callable[[int, int], None] | None = None,
+) -> CensusResult:
+    """Run ``detectors`` on ``model`` and write their reports into ``store``.
+
+    ``params`` maps a detector name to ``{parameter: text value}``. ``on_pass(done, total)`` reports
+    progress (total counts every detector's probes). Bad input raises before anything is run.
+    """
+    store = store if isinstance(store, ReportStore) else ReportStore(store)
+    store.check_writable()
+    params = params or {}
+    classes = {name: detector_registry.get(name) for name in detectors}
+    unknown_params = set(params) - set(classes)
+    if unknown_params:
+        raise ProbeError(f"parameters given for detector(s) not in this census: {sorted(unknown_params)}")
+    torch.manual_seed(seed)
+    instances = {
+        name: cls(model, parse_params(cls, params.get(name, {})), seed=seed, prepend_bos=prepend_bos) for name, cls in classes.items()
+    }
+    file_probes = read_probe_file(probes_file) if probes_file else None
+    probe_sets: dict[str, list[dict]] = {}
+    for name, detector in instances.items():
+        listed = file_probes if file_probes is not None else [(f"built-in {name} probe {i + 1}", p) for i, p in enumerate(detector.builtin_probes())]
+        listed = listed[:limit] if limit is not None else listed
+        probe_sets[name] = [detector.check_probe(probe, where) for where, probe in listed]
+
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    run_id = new_run_id()
+    result = CensusResult(run_id, model.name, store)
+    total = sum(len(p) for p in probe_sets.values())
+    streams = {name: _passes(instances[name], probe_sets[name]) for name in instances}
+    done_probes = 0
+    for group in _lockstep(streams):
+        forward = group[0][1]
+        capture(model, forward.tokens, [need for _, f in group for need in f.needs], forward.interventions)
+        result.n_forward_passes += 1
+        for _, f in group:
+            f.done()
+        done_probes = sum(instances[name].probes_done for name in instances)
+        if on_pass is not None:
+            on_pass(done_probes, total)
+
+    versions = json.dumps(package_versions(), sort_keys=True)
+    finished = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    all_reports = {name: detector.finish() for name, detector in instances.items()}
+    manifest_rows = []
+    for name, reports in all_reports.items():
+        for report in reports:
+            report.run_id, report.model, report.detector = run_id, model.name, name
+            store.write(report)
+        detector = instances[name]
+        manifest_rows.append(
+            {
+                "model_fingerprint": model.info.fingerprint,
+                "params": detector.params.to_json(),
+                "probe_hash": probe_set_hash(probe_sets[name]),
+                "n_probes": len(probe_sets[name]),
+                "seed": seed,
+                "versions": versions,
+                "device": str(model.device),
+                "started_at": started,
+                "finished_at": finished,
+                "reports": ",".join(sorted({r.type for r in reports})),
+                "detector": name,
+            }
+        )
+        result.reports[name] = reports
+        result.summary[name] = detector.summary_lines(reports)
+    for row in manifest_rows:
+        frame = pd.DataFrame([{k: v for k, v in row.items() if k != "detector"}])
+        store.write(Report("runs", frame, run_id, model.name, row["detector"]))
+    return result
+
+
+def _passes(detector: Detector, probes: list[dict]) -> Iterator[ForwardPass]:
+    detector.probes_done = 0
+    for index, probe in enumerate(probes):
+        yield from detector.passes(probe, index)
+        detector.probes_done += 1

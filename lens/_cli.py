@@ -1,0 +1,155 @@
+"""``lens`` command line: census, models, detectors, runs, schema.
+
+Bad input ends with one line on stderr (``lens: error: ...``) and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+DEFAULT_STORE = "lens-store"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lens", description="Find and explain what attention heads do.")
+    sub = parser.add_subparsers(dest="command")
+
+    census = sub.add_parser("census", help="run detectors over a model and store their reports")
+    census.add_argument("--model", default=None, help="catalog name (see `lens models`) or a local HF folder; default smollm2-135m")
+    census.add_argument("--detectors", default=None, help="comma-separated detector names; default: all (see `lens detectors`)")
+    census.add_argument("--store", default=DEFAULT_STORE, help=f"report store directory (default ./{DEFAULT_STORE})")
+    census.add_argument("--probes-file", default=None, help="JSON Lines probe file; default: each detector's built-in probes")
+    census.add_argument("--limit", type=int, default=None, help="use only the first N probes of each detector")
+    census.add_argument("--seed", type=int, default=0)
+    census.add_argument("--device", default="cpu", help="cpu or cuda")
+    census.add_argument("--prepend-bos", action="store_true", help="prepend the tokenizer's BOS token to every probe")
+    census.add_argument(
+        "--param", action="append", default=[], metavar="DETECTOR.NAME=VALUE", help="set a detector parameter, e.g. sinks.eps=0.2"
+    )
+
+    sub.add_parser("models", help="list the models known by name")
+    sub.add_parser("detectors", help="list the registered detectors")
+    runs = sub.add_parser("runs", help="list the finished runs in a store")
+    runs.add_argument("--store", default=DEFAULT_STORE)
+    sub.add_parser("schema", help="print every report type and its columns (Markdown)")
+    return parser
+
+
+def _parse_param_flags(flags: list[str]) -> dict[str, dict[str, str]]:
+    from probes import ProbeError
+
+    params: dict[str, dict[str, str]] = {}
+    for flag in flags:
+        target, sep, value = flag.partition("=")
+        detector, dot, name = target.partition(".")
+        if not sep or not dot or not detector or not name:
+            raise ProbeError(f"--param {flag!r}: expected DETECTOR.NAME=VALUE")
+        params.setdefault(detector, {})[name] = value
+    return params
+
+
+def _cmd_census(args) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    import lens
+    import probes
+
+    console = Console(stderr=True)
+    detectors = [d.strip() for d in args.detectors.split(",") if d.strip()] if args.detectors else probes.available()
+    for name in detectors:
+        probes.get(name)  # unknown detector: fail before loading the model
+    if args.limit is not None and args.limit < 1:
+        raise probes.ProbeError("--limit must be at least 1")
+    params = _parse_param_flags(args.param)
+    lens.ReportStore(args.store).check_writable()
+    started = time.perf_counter()
+    with console.status(f"loading {args.model or lens.DEFAULT_MODEL}"):
+        model = lens.load(args.model or lens.DEFAULT_MODEL, device=args.device)
+    with Progress(
+        TextColumn("census"), BarColumn(), MofNCompleteColumn(), TextColumn("probes"), TimeElapsedColumn(), console=console
+    ) as progress:
+        task = progress.add_task("census", total=None)
+        result = lens.census(
+            model,
+            detectors,
+            args.store,
+            probes_file=args.probes_file,
+            limit=args.limit,
+            seed=args.seed,
+            params=params,
+            prepend_bos=args.prepend_bos,
+            on_pass=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    table = Table(title=f"census {result.run_id} on {model.name} ({result.n_forward_passes} forward passes, {time.perf_counter() - started:.1f} s)")
+    table.add_column("detector")
+    table.add_column("reports")
+    table.add_column("headline")
+    for name, reports in result.reports.items():
+        rows = ", ".join(f"{r.type} ({len(r.frame)})" for r in reports)
+        table.add_row(name, rows, "\n".join(result.summary[name]))
+    Console().print(table)
+    Console().print(f"reports written to {os.path.abspath(args.store)} (run {result.run_id})")
+    return 0
+
+
+def _cmd_models(_args) -> int:
+    from lens._models.catalog import CATALOG, DEFAULT_MODEL
+
+    for spec in CATALOG.values():
+        print(f"{spec.name:14s} {'(default) ' if spec.name == DEFAULT_MODEL else ''}{spec.description}")
+    return 0
+
+
+def _cmd_detectors(_args) -> int:
+    import probes
+
+    for name in probes.available():
+        cls = probes.get(name)
+        print(f"{name:16s} {cls.description}; reports: {', '.join(s.name for s in cls.reports)}")
+    return 0
+
+
+def _cmd_runs(args) -> int:
+    import lens
+
+    runs = lens.ReportStore(args.store).runs()
+    if runs.empty:
+        print(f"no finished runs in {args.store}")
+        return 0
+    print(runs[["run_id", "model", "detector", "n_probes", "seed", "started_at", "reports"]].to_string(index=False))
+    return 0
+
+
+def _cmd_schema(_args) -> int:
+    from lens._store.schema import schema_markdown
+
+    print(schema_markdown())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    args = _parser().parse_args(argv)
+    command = args.command or "census"
+    if args.command is None:
+        args = _parser().parse_args(["census"])
+    handlers = {"census": _cmd_census, "models": _cmd_models, "detectors": _cmd_detectors, "runs": _cmd_runs, "schema": _cmd_schema}
+    from lens._errors import USER_ERRORS
+
+    try:
+        return handlers[command](args)
+    except USER_ERRORS as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"lens: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Model loading: catalog, architecture adapters, fingerprints."""

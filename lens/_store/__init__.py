@@ -1,0 +1,1 @@
+"""Report store: typed Parquet datasets, atomic writes, run manifests."""

@@ -1,0 +1,35 @@
+"""Detectors, one per module, registered by name with ``@register``.
+
+Every public module of this package is imported here, so adding a detector is adding a module:
+no list to edit. ``get(name)`` returns the class, ``available()`` the names.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from probes._base import REGISTRY, Detector, ForwardPass, Params, ProbeError, register
+
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+
+class UnknownDetectorError(KeyError):
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def available() -> list[str]:
+    return sorted(REGISTRY.detectors)
+
+
+def get(name: str) -> type[Detector]:
+    try:
+        return REGISTRY.detectors[name]
+    except KeyError:
+        raise UnknownDetectorError(f"unknown detector {name!r}; available: {', '.join(available())}") from None
+
+
+__all__ = ["Detector", "ForwardPass", "Params", "ProbeError", "UnknownDetectorError", "available", "get", "register"]

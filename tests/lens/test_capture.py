@@ -1,0 +1,101 @@
+"""Capture engine: reductions made inside the attention function equal full attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lens
+
+TEXT = "The quick brown fox jumps over the lazy dog. Then it naps under a tree while the dog keeps watch."
+
+
+def _collect(model, tokens, positions=None, block_elements=None):
+    rows: dict[int, torch.Tensor] = {}
+    n_heads = model.info.n_heads
+    n = len(tokens)
+
+    def consume(block: lens.AttentionBlock) -> None:
+        full = rows.setdefault(block.layer, torch.full((n_heads, n, n), float("nan")))
+        full[:, block.positions, :] = 0.0
+        full[:, block.positions, : block.n_keys] = block.probs[0]
+
+    kwargs = {"block_elements": block_elements} if block_elements else {}
+    lens.capture(model, tokens, [lens.AttentionRows(consume, positions=positions)], **kwargs)
+    return rows
+
+
+def _eager_attentions(reference, tokens):
+    with torch.no_grad():
+        return reference(tokens[None], output_attentions=True).attentions
+
+
+@pytest.mark.parametrize("block_elements", [None, 500])
+def test_all_rows_equal_eager_attention_tiny(tiny_llama, eager_reference, block_elements):
+    tokens = tiny_llama.tokenize(TEXT)
+    rows = _collect(tiny_llama, tokens, block_elements=block_elements)
+    expected = _eager_attentions(eager_reference(tiny_llama), tokens)
+    assert set(rows) == {0, 1}
+    for layer, attention in enumerate(expected):
+        torch.testing.assert_close(rows[layer], attention[0], atol=1e-6, rtol=0)
+
+
+def test_selected_rows_equal_eager_attention_real_model(smollm2, eager_reference):
+    tokens = smollm2.tokenize(TEXT)
+    rows = _collect(smollm2, tokens, positions=[0, 5, -1])
+    expected = _eager_attentions(eager_reference(smollm2), tokens)
+    n = len(tokens)
+    assert len(rows) == smollm2.info.n_layers == 30
+    for layer, attention in enumerate(expected):
+        for position in (0, 5, n - 1):
+            torch.testing.assert_close(rows[layer][:, position], attention[0][:, position], atol=1e-5, rtol=0)
+        assert torch.isnan(rows[layer][:, 1]).all(), "rows that were not asked for must not be computed"
+
+
+def test_all_rows_equal_bridge_full_cache_real_model(smollm2):
+    """The TransformerLens full cache (hook_pattern) is the notebook ground truth."""
+    tokens = smollm2.tokenize(TEXT)
+    rows = _collect(smollm2, tokens)
+    _, cache = smollm2.bridge.run_with_cache(tokens[None], names_filter=lambda name: name.endswith("hook_pattern"))
+    for layer in range(smollm2.info.n_layers):
+        torch.testing.assert_close(rows[layer], cache[f"blocks.{layer}.attn.hook_pattern"][0], atol=1e-5, rtol=0)
+
+
+def test_capture_keeps_logits_and_residuals(smollm2, eager_reference):
+    tokens = smollm2.tokenize(TEXT)
+    logits, resid, mlp = [], {}, {}
+    needs = [
+        lens.AttentionRows(lambda block: None),
+        lens.Logits(logits.append, positions=[3, -1]),
+        lens.Residual(lambda layer, x: resid.__setitem__(layer, x.clone())),
+        lens.Residual(lambda layer, x: mlp.__setitem__(layer, x.clone()), kind="mlp_out"),
+    ]
+    lens.capture(smollm2, tokens, needs)
+    with torch.no_grad():
+        out = eager_reference(smollm2)(tokens[None], output_hidden_states=True)
+    torch.testing.assert_close(logits[0][0], out.logits[0, [3, len(tokens) - 1]], atol=2e-4, rtol=0)
+    # hidden_states[l + 1] is the output of layer l, except the last, which HF returns after the final norm.
+    for layer in range(smollm2.info.n_layers - 1):
+        torch.testing.assert_close(resid[layer], out.hidden_states[layer + 1], atol=2e-4, rtol=1e-4)
+    _, cache = smollm2.bridge.run_with_cache(tokens[None], names_filter=lambda name: name.endswith("hook_mlp_out"))
+    assert set(mlp) == set(range(smollm2.info.n_layers))
+    for layer in (0, 14, 29):
+        torch.testing.assert_close(mlp[layer], cache[f"blocks.{layer}.hook_mlp_out"], atol=2e-4, rtol=1e-4)
+
+
+def test_no_session_is_plain_sdpa(smollm2):
+    tokens = smollm2.tokenize(TEXT)
+    with torch.no_grad():
+        ours = smollm2.hf(tokens[None]).logits
+        smollm2.hf.config._attn_implementation = "sdpa"
+        try:
+            sdpa = smollm2.hf(tokens[None]).logits
+        finally:
+            smollm2.hf.config._attn_implementation = "lens"
+    torch.testing.assert_close(ours, sdpa, atol=0, rtol=0)
+
+
+def test_prompt_longer_than_context_is_refused(tiny_llama):
+    tokens = torch.zeros(tiny_llama.info.n_ctx + 1, dtype=torch.long)
+    with pytest.raises(lens.PromptTooLongError, match="longer than"):
+        lens.capture(tiny_llama, tokens, [])
