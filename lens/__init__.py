@@ -17,6 +17,7 @@ from lens._models.model import Model, ModelInfo, PromptTooLongError, UnknownMode
 from lens._store.schema import ReportSchema, SchemaMismatchError
 from lens._store.store import Report, ReportStore, StoreError
 from lens._census import CensusResult, census
+from lens._generate import Generation, chat_prompt, generate
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,9 @@ __all__ = [
     "SchemaMismatchError",
     "StoreError",
     "census",
+    "chat_prompt",
+    "generate",
+    "Generation",
     "AddToQuery",
     "AttentionBlock",
     "AttentionRows",

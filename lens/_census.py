@@ -140,6 +140,8 @@ def census(
         done_probes = sum(instances[name].probes_done for name in instances)
         if on_pass is not None:
             on_pass(done_probes, total)
+    if on_pass is not None:
+        on_pass(total, total)
 
     versions = json.dumps(package_versions(), sort_keys=True)
     finished = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
         "--param", action="append", default=[], metavar="DETECTOR.NAME=VALUE", help="set a detector parameter, e.g. sinks.eps=0.2"
     )
 
+    prepare = sub.add_parser("prepare", help="convert the embedded models into the model cache (done by scripts/setup.sh)")
+    prepare.add_argument("--model", action="append", default=None, help="catalog name; default: every catalog model")
     sub.add_parser("models", help="list the models known by name")
     sub.add_parser("detectors", help="list the registered detectors")
     runs = sub.add_parser("runs", help="list the finished runs in a store")
@@ -70,10 +72,20 @@ def _cmd_census(args) -> int:
     started = time.perf_counter()
     with console.status(f"loading {args.model or lens.DEFAULT_MODEL}"):
         model = lens.load(args.model or lens.DEFAULT_MODEL, device=args.device)
-    with Progress(
+    # The bar starts with the first forward pass, so bad input found while planning prints one line only.
+    progress = Progress(
         TextColumn("census"), BarColumn(), MofNCompleteColumn(), TextColumn("probes"), TimeElapsedColumn(), console=console
-    ) as progress:
-        task = progress.add_task("census", total=None)
+    )
+    task = None
+
+    def on_pass(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            progress.start()
+            task = progress.add_task("census", total=total)
+        progress.update(task, completed=done, total=total)
+
+    try:
         result = lens.census(
             model,
             detectors,
@@ -83,8 +95,11 @@ def _cmd_census(args) -> int:
             seed=args.seed,
             params=params,
             prepend_bos=args.prepend_bos,
-            on_pass=lambda done, total: progress.update(task, completed=done, total=total),
+            on_pass=on_pass,
         )
+    finally:
+        if task is not None:
+            progress.stop()
     table = Table(title=f"census {result.run_id} on {model.name} ({result.n_forward_passes} forward passes, {time.perf_counter() - started:.1f} s)")
     table.add_column("detector")
     table.add_column("reports")
@@ -94,6 +109,19 @@ def _cmd_census(args) -> int:
         table.add_row(name, rows, "\n".join(result.summary[name]))
     Console().print(table)
     Console().print(f"reports written to {os.path.abspath(args.store)} (run {result.run_id})")
+    return 0
+
+
+def _cmd_prepare(args) -> int:
+    from lens._models.catalog import CATALOG, ensure_cached
+    from lens._models.model import UnknownModelError
+
+    for name in args.model or list(CATALOG):
+        if name not in CATALOG:
+            raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(CATALOG)}")
+        started = time.perf_counter()
+        folder = ensure_cached(name)
+        print(f"{name}: {folder} ({time.perf_counter() - started:.1f} s)")
     return 0
 
 
@@ -136,11 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     args = _parser().parse_args(argv)
     command = args.command or "census"
     if args.command is None:
         args = _parser().parse_args(["census"])
-    handlers = {"census": _cmd_census, "models": _cmd_models, "detectors": _cmd_detectors, "runs": _cmd_runs, "schema": _cmd_schema}
+    handlers = {"census": _cmd_census, "prepare": _cmd_prepare, "models": _cmd_models, "detectors": _cmd_detectors, "runs": _cmd_runs, "schema": _cmd_schema}
     from lens._errors import USER_ERRORS
 
     try:

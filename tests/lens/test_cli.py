@@ -1,0 +1,87 @@
+"""The CLI: bad input gets one clear line and a non-zero exit; nothing is half-written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lens._cli import main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_unknown_detector(capsys, tmp_path):
+    code, _, err = _run(capsys, "census", "--detectors", "nope", "--store", str(tmp_path / "s"))
+    assert code == 2 and err.count("\n") == 1 and "unknown detector 'nope'" in err and "sinks" in err
+
+
+def test_unknown_model(capsys, tmp_path):
+    code, _, err = _run(capsys, "census", "--model", "no-such-model", "--detectors", "sinks", "--store", str(tmp_path / "s"))
+    assert code == 2 and "unknown model 'no-such-model'" in err and "smollm2-135m" in err
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (None, "does not exist"),
+        ("", "has no probes"),
+        ('{"text": "fine"}\n{"text": broken}\n', "probes.jsonl:2: malformed JSON"),
+        ('{"text": "fine"}\n\n{"other": 1}\n', "probes.jsonl:3: missing or empty string field 'text'"),
+        (b"\xff\xfe\x00", "unreadable"),
+    ],
+)
+def test_bad_probe_files(capsys, tmp_path, content, expected):
+    path = tmp_path / "probes.jsonl"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    code, _, err = _run(capsys, "census", "--model", "tiny-llama", "--detectors", "sinks", "--probes-file", str(path), "--store", str(tmp_path / "s"))
+    assert code == 2 and expected in err and err.count("\n") == 1
+    assert not list((tmp_path / "s").rglob("*.parquet"))
+
+
+def test_prompt_longer_than_context(capsys, tmp_path):
+    path = tmp_path / "probes.jsonl"
+    path.write_text(json.dumps({"text": "word " * 600}) + "\n")  # tiny-llama's context is 512
+    code, _, err = _run(capsys, "census", "--model", "tiny-llama", "--detectors", "sinks", "--probes-file", str(path), "--store", str(tmp_path / "s"))
+    assert code == 2 and "probes.jsonl:1: prompt has" in err and "longer than tiny-llama's context of 512" in err
+
+
+def test_unwritable_store(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = _run(capsys, "census", "--model", "tiny-llama", "--detectors", "sinks", "--store", str(blocker / "store"))
+    assert code == 2 and "not writable" in err
+
+
+def test_bad_param(capsys, tmp_path):
+    code, _, err = _run(capsys, "census", "--model", "tiny-llama", "--detectors", "sinks", "--param", "sinks.nope=1", "--store", str(tmp_path / "s"))
+    assert code == 2 and "no parameter 'nope'" in err
+
+
+def test_census_end_to_end_via_python_m(tmp_path):
+    path = tmp_path / "probes.jsonl"
+    path.write_text(json.dumps({"text": "A short probe about rivers and bridges."}) + "\n")
+    store = tmp_path / "store"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lens", "census", "--model", "tiny-llama", "--detectors", "sinks", "--probes-file", str(path),
+         "--store", str(store), "--param", "sinks.eps=0.2"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "sink_rate_eps0.2" in proc.stdout and str(store) in proc.stdout
+    runs = subprocess.run([sys.executable, "-m", "lens", "runs", "--store", str(store)], capture_output=True, text=True)
+    assert "tiny-llama" in runs.stdout and "sinks" in runs.stdout
+
+
+def test_models_and_detectors_lists(capsys):
+    assert _run(capsys, "models")[1].count("smollm2-135m") == 1
+    assert "sinks" in _run(capsys, "detectors")[1]

@@ -1,0 +1,24 @@
+"""Generation: our greedy loop equals transformers' generate; sampling is reproducible by seed."""
+
+import torch
+
+import lens
+
+
+def test_greedy_equals_hf_generate(smollm2):
+    prompt = smollm2.tokenize(lens.chat_prompt(smollm2, "Name a large animal that lives in the sea."))
+    ours = lens.generate(smollm2, prompt, max_new_tokens=20, stop_at_newline=False)
+    with torch.no_grad():
+        theirs = smollm2.hf.generate(prompt[None], max_new_tokens=20, do_sample=False, eos_token_id=lens._generate.stop_token_ids(smollm2))
+    expected = [t for t in theirs[0, len(prompt):].tolist() if t not in lens._generate.stop_token_ids(smollm2)]
+    assert ours.answer_tokens.tolist() == expected
+    assert ours.tokens.tolist() == prompt.tolist() + expected
+
+
+def test_sampling_is_seeded_and_newline_stops(smollm2):
+    prompt = smollm2.tokenize("A list of fruits:\n1. apple\n2.")
+    first = lens.generate(smollm2, prompt, temperature=1.0, seed=3, max_new_tokens=30)
+    again = lens.generate(smollm2, prompt, temperature=1.0, seed=3, max_new_tokens=30)
+    assert first.answer_tokens.tolist() == again.answer_tokens.tolist()
+    greedy = lens.generate(smollm2, prompt, max_new_tokens=30)
+    assert greedy.stopped_by == "newline" and greedy.text.endswith("\n") and "\n" not in greedy.text.strip()
