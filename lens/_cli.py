@@ -37,6 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     runs = sub.add_parser("runs", help="list the finished runs in a store")
     runs.add_argument("--store", default=DEFAULT_STORE)
     sub.add_parser("schema", help="print every report type and its columns (Markdown)")
+    report = sub.add_parser("report", help="write a run's figures (PDF/SVG/PNG) and its self-contained HTML report")
+    report.add_argument("--store", default=DEFAULT_STORE)
+    report.add_argument("--out", default="lens-report", help="output directory; files go to OUT/<run_id>/ (default ./lens-report)")
+    report.add_argument("--run", default=None, help="run id, or 'all'; default: the newest finished run")
+    report.add_argument("--format", default="pdf,svg,png,html", help="comma-separated: pdf, svg, png, html (default all)")
+    report.add_argument("--dpi", type=int, default=300, help="PNG resolution (default 300)")
+    report.add_argument("--compare", default=None, metavar="RUN", help="add a comparison with another run (or another model's run)")
     return parser
 
 
@@ -142,6 +149,24 @@ def _cmd_detectors(_args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    import lens
+    from lens.views.export import ExportError
+    from lens.views.report import ReportError, resolve_runs, write_report
+
+    formats = tuple(f.strip().lower() for f in args.format.split(",") if f.strip())
+    store = lens.ReportStore(args.store)
+    try:
+        for run_id in resolve_runs(store, args.run):
+            written = write_report(store, args.out, run_id=run_id, formats=formats, compare=args.compare, dpi=args.dpi)
+            pages = [str(p) for p in written if p.suffix == ".html"]
+            print(f"run {run_id}: {len(written)} files in {os.path.join(args.out, run_id)}" + (f"; report: {pages[0]}" if pages else ""))
+    except (ReportError, ExportError) as error:
+        print(f"lens: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _cmd_runs(args) -> int:
     import lens
 
@@ -172,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command or "census"
     if args.command is None:
         args = _parser().parse_args(["census"])
-    handlers = {"census": _cmd_census, "prepare": _cmd_prepare, "models": _cmd_models, "detectors": _cmd_detectors, "runs": _cmd_runs, "schema": _cmd_schema}
+    handlers = {"census": _cmd_census, "prepare": _cmd_prepare, "models": _cmd_models, "detectors": _cmd_detectors, "runs": _cmd_runs, "schema": _cmd_schema, "report": _cmd_report}
     from lens._errors import USER_ERRORS
 
     try:

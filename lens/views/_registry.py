@@ -15,8 +15,9 @@ class View:
     reports: tuple[str, ...]  # report types read from the store; the view needs all of them
     # frames[report_type] = rows of that report for the selected run (and model); returns a plotly Figure.
     make: Callable[[dict[str, pd.DataFrame]], object]
-    # Report types used when the run has them (frames then lacks the others); the view needs at least one.
+    # Report types used when the run has them (frames then lacks the others); the view needs min_optional of them.
     optional: tuple[str, ...] = ()
+    min_optional: int = 1
 
     @property
     def group(self) -> str:
@@ -25,19 +26,19 @@ class View:
 
     def applies_to(self, report_types) -> bool:
         present = set(report_types)
-        return set(self.reports) <= present and (not self.optional or bool(present & set(self.optional)))
+        return set(self.reports) <= present and (not self.optional or len(present & set(self.optional)) >= self.min_optional)
 
 
 VIEWS: dict[str, View] = {}
 
 
-def view(name: str, *, title: str, reports: tuple[str, ...] = (), optional: tuple[str, ...] = ()):
+def view(name: str, *, title: str, reports: tuple[str, ...] = (), optional: tuple[str, ...] = (), min_optional: int = 1):
     """Register ``make(frames) -> plotly.graph_objects.Figure`` as a view."""
 
     def register(make):
         if name in VIEWS:
             raise ValueError(f"view {name!r} registered twice")
-        VIEWS[name] = View(name, title, tuple(reports), make, tuple(optional))
+        VIEWS[name] = View(name, title, tuple(reports), make, tuple(optional), min_optional)
         return make
 
     return register

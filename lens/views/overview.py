@@ -202,7 +202,7 @@ def _grid_shape(frames: dict[str, pd.DataFrame]) -> tuple[int, int] | None:
     return int(both["layer"].max()) + 1, int(both["head"].max()) + 1
 
 
-@view("overview.correlations", title="Correlations between detector scores", optional=OVERVIEW_REPORTS)
+@view("overview.correlations", title="Correlations between detector scores", optional=OVERVIEW_REPORTS, min_optional=2)
 def correlation_matrix(frames):
     table = head_table(frames)
     columns = score_columns(table)
