@@ -1,24 +1,63 @@
-"""Attention sinks, head level: how much attention each head parks on the first token.
+"""Attention sinks: first-token, hidden later-token and secondary sinks, massive activations, calibration.
 
-sink_score[l, h] = importance of the first key, mean over all query positions t of A[t, 0], then mean
-over prompts (Gu et al., "When Attention Sink Emerges in Language Models", ICLR 2025).
-is_sink = sink_score > eps (0.3). Sink_1^eps = percent of heads over eps.
+One forward pass per probe collects, reduced layer by layer inside the pass:
+- attention received by every key, summed over all query rows (``AttentionRows``);
+- per layer, the hidden-state norm of every position, its cosine with the first token, the largest
+  residual entries and the median magnitude (``Residual("resid_post")``), and the MLP output norms
+  (``Residual("mlp_out")``);
+- the logits at every position, for the loss before calibration (``Logits``).
+
+Reports:
+- ``sinks``: sink_score[l, h] = mean over queries of A[t, 0], then over prompts (Gu et al. 2025);
+  Sink_1^eps = percent of heads over eps (0.3).
+- ``sink_tokens``: ACT's token-level sinks, importance sum_t A[t, s] / (T - s) > tau (0.1), keys seen by
+  at least ``min_queries`` queries; the first detected sink of each head is marked ``is_first``.
+- ``secondary_sinks``: positions whose hidden state is aligned (|cos| > 0.9) with the first token's in
+  layers where the first token's norm is raised (Wong et al.), labelled by lifetime.
+- ``massive_activations``: the largest residual entries per layer (Sun et al. 2024).
+- ``sink_calibration``: ACT's calibration. A second pass per probe scales, in every head where this
+  probe has sinks other than the first, the attention to those sinks by beta (0.4) and gives the mass
+  back to the other keys (``lens.ScaleSinks``); the metric (default: next-token loss) before and after.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 import pandas as pd
 import torch
+from jaxtyping import Float, Int
+from torch import Tensor
 
-from lens._capture.needs import AttentionBlock, AttentionRows
+from lens._capture.interventions import ScaleSinks
+from lens._capture.needs import AttentionBlock, AttentionRows, Logits, Residual
+from lens._capture.session import capture
 from lens._store.schema import Column, ReportSchema
 from lens._store.store import Report
-from metrics.attention import key_importance, prefix_mass, received_attention
-from metrics.sinks import sink_rate
-from probes._base import Detector, ForwardPass, Params, builtin_probe_file, register, summary_report
+from metrics.attention import key_importance, prefix_mass, queries_seeing, received_attention
+from metrics.hidden import cosine_to_position, median_magnitude, position_norms, top_magnitudes
+from metrics.loss import next_token_loss
+from metrics.sinks import (
+    aligned_with_first,
+    first_sinks,
+    formation,
+    is_massive,
+    jump_window,
+    lifetime_label,
+    lifetime_thresholds,
+    raised_layers,
+    sink_mask,
+    sink_rate,
+)
+from probes._base import Detector, ForwardPass, ProbeError, Params, builtin_probe_file, register, summary_report
+
+Metric = Callable[[Float[Tensor, "pos vocab"], Int[Tensor, " pos"]], float]
+
+PROBE = Column("probe", "string", "probe id (the probe's `id` field, else its index in the probe set)")
+POSITION = Column("position", "int64", "token position in the probe, from 0")
+TOKEN = Column("token", "string", "text of the token at that position")
 
 SINKS = ReportSchema(
     "sinks",
@@ -35,21 +74,133 @@ SINKS = ReportSchema(
     ),
 )
 
+SINK_TOKENS = ReportSchema(
+    "sink_tokens",
+    "Token-level attention sinks per head (ACT): keys whose mean received attention exceeds tau.",
+    (
+        PROBE,
+        Column("layer", "int64", "layer index, from 0"),
+        Column("head", "int64", "query-head index within the layer, from 0"),
+        POSITION,
+        TOKEN,
+        Column("score", "float64", "attention the key receives, summed over the queries that see it, divided by their number (T - position); > tau"),
+        Column("n_queries", "int64", "queries that see the key (T - position); keys seen by fewer than min_queries (8) are never listed"),
+        Column("is_first", "bool", "the head's first detected sink (lowest listed position), which ACT sets aside; the others are hidden sinks"),
+        Column("tau", "float64", "the threshold used"),
+    ),
+)
+
+SECONDARY_SINKS = ReportSchema(
+    "secondary_sinks",
+    "Tokens whose hidden state aligns with the first token's where that sink is active (Wong et al.); position 0 is the primary reference.",
+    (
+        PROBE,
+        POSITION,
+        TOKEN,
+        Column("formation_layer", "int64", "first layer where |cos(h[position], h[0])| > cos_threshold within the active layers"),
+        Column("last_layer", "int64", "last such layer"),
+        Column("lifetime", "int64", "number of such layers (the first token: the number of active layers)"),
+        Column("mlp_norm", "float64", "norm of the MLP output at this position in the formation layer (what wrote the sink direction)"),
+        Column("mlp_norm_ratio", "float64", "mlp_norm over the median MLP-output norm of the probe's positions in that layer"),
+        Column("mean_abs_cos", "float64", "mean |cos| with the first token over the aligned layers"),
+        Column("label", "string", "primary (lifetime >= primary_fraction x layers), noise (<= noise_fraction x layers) or secondary"),
+        Column("is_attention_sink", "bool", "the position is also listed in sink_tokens for this probe (some head, some layer)"),
+        Column("active_layers", "string", "the layers where the first-token sink is active, as ranges (e.g. 1-8,11-29)"),
+    ),
+)
+
+MASSIVE_ACTIVATIONS = ReportSchema(
+    "massive_activations",
+    "The largest residual-stream entries per layer (Sun et al. 2024).",
+    (
+        PROBE,
+        Column("layer", "int64", "layer whose output residual stream (resid_post) is read"),
+        Column("rank", "int64", "1 = the largest magnitude of the layer, then 2, ..."),
+        POSITION,
+        TOKEN,
+        Column("channel", "int64", "residual-stream dimension"),
+        Column("value", "float64", "the entry (signed)"),
+        Column("median", "float64", "median magnitude of all entries of the layer for this probe"),
+        Column("ratio", "float64", "|value| / median"),
+        Column("is_massive", "bool", "|value| > massive_value (100) and ratio > massive_ratio (1000)"),
+        Column("on_sink_token", "bool", "the position is a sink token of this probe (listed in sink_tokens, any head and layer)"),
+        Column("on_first_token", "bool", "the position is 0"),
+    ),
+)
+
+SINK_CALIBRATION = ReportSchema(
+    "sink_calibration",
+    "ACT's attention calibration: scale the attention to non-first sinks by beta; a metric before and after.",
+    (
+        PROBE,
+        Column("heads", "string", "calibrated heads as layer.head, space-separated"),
+        Column("n_heads", "int64", "number of calibrated heads"),
+        Column("n_sinks", "int64", "calibrated (head, sink position) pairs"),
+        Column("beta", "float64", "factor on the attention to those sinks; the removed mass goes to the other keys in proportion"),
+        Column("metric", "string", "what before and after measure (default next_token_loss: mean cross-entropy in nats over the probe)"),
+        Column("before", "float64", "the metric without calibration"),
+        Column("after", "float64", "the metric with calibration"),
+        Column("change", "float64", "after - before"),
+    ),
+)
+
 
 @dataclass
 class SinkParams(Params):
     eps: float = 0.3
     n_prefix: int = 4
+    tau: float = 0.1
+    min_queries: int = 8
+    cos_threshold: float = 0.9
+    # Active layers of the first-token sink: "ratio" (its norm > norm_ratio x the median position norm,
+    # every stretch) or "jump" (the reference code's single window between the largest rise and fall).
+    active_rule: str = "ratio"
+    norm_ratio: float = 2.0
+    noise_fraction: float = 0.1
+    primary_fraction: float = 0.625
+    top_k: int = 3
+    massive_value: float = 100.0
+    massive_ratio: float = 1000.0
+    beta: float = 0.4
+    calibrate: bool = True
+
+    def __post_init__(self):
+        if self.active_rule not in ("ratio", "jump"):
+            raise ProbeError(f"parameter sinks.active_rule: expected 'ratio' or 'jump', got {self.active_rule!r}")
+
+
+def layer_ranges(layers: Iterable[int]) -> str:
+    """``[1, 2, 3, 5]`` -> ``"1-3,5"``."""
+    spans: list[list[int]] = []
+    for layer in sorted(layers):
+        if spans and layer == spans[-1][1] + 1:
+            spans[-1][1] = layer
+        else:
+            spans.append([layer, layer])
+    return ",".join(f"{a}-{b}" if a != b else f"{a}" for a, b in spans)
+
+
+def calibration_interventions(targets: dict[tuple[int, int], list[int]], beta: float) -> list[ScaleSinks]:
+    """One ``ScaleSinks`` per (layer, sink-position set), covering every targeted head."""
+    grouped: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+    for (layer, head), positions in sorted(targets.items()):
+        grouped.setdefault((layer, tuple(positions)), []).append(head)
+    return [ScaleSinks(layer, heads, list(positions), beta) for (layer, positions), heads in grouped.items()]
 
 
 @register
 class Sinks(Detector):
     name = "sinks"
-    description = "first-token attention sinks per head (Sink_1^eps)"
-    reports = (SINKS,)
+    description = "attention sinks: first-token (Sink_1^eps), hidden later-token and secondary sinks, massive activations, ACT calibration"
+    reports = (SINKS, SINK_TOKENS, SECONDARY_SINKS, MASSIVE_ACTIVATIONS, SINK_CALIBRATION)
     probe_fields = ("text",)
     prompt_field = "text"
     ParamsType = SinkParams
+
+    # Python API (``calibrate_sinks``): the calibration metric, and the heads allowed to be calibrated
+    # (None: every head with a non-first sink on the probe).
+    metric: Metric = staticmethod(next_token_loss)
+    calibration_heads: Collection[tuple[int, int]] | None = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -58,45 +209,261 @@ class Sinks(Detector):
         self._prefix_mass = torch.zeros_like(self._sink_scores)
         self._first_tokens: Counter[str] = Counter()
         self._n_prompts = 0
+        self._rows: dict[str, list[pd.DataFrame]] = {schema.name: [] for schema in self.reports if schema.name != "sinks"}
 
     def builtin_probes(self) -> list[dict]:
         return builtin_probe_file("sinks.jsonl")
 
     def passes(self, probe: dict, index: int):
         tokens = self.tokens(probe["text"])
+        probe_id = str(probe.get("id", index))
         info = self.model.info
-        received = torch.zeros(info.n_layers, info.n_heads, len(tokens))
+        n_layers, seq_len = info.n_layers, len(tokens)
+        received = torch.zeros(n_layers, info.n_heads, seq_len)
+        hidden = HiddenStats(n_layers, seq_len, self.params.top_k)
+        logits: list[Tensor] = []
 
         def accumulate(block: AttentionBlock) -> None:
             received[block.layer, :, : block.n_keys] += received_attention(block.probs[0])
 
-        def done() -> None:
-            self._sink_scores += key_importance(received)[..., 0].double()
-            self._prefix_mass += prefix_mass(received, self.params.n_prefix).double()
-            self._first_tokens[self.model.tokenizer.decode(tokens[:1])] += 1
-            self._n_prompts += 1
+        calibrate = self.params.calibrate and seq_len > 1
+        needs = [AttentionRows(accumulate), Residual(hidden.resid_post), Residual(hidden.mlp_out, kind="mlp_out")]
+        if calibrate:
+            needs.append(Logits(lambda x: logits.append(x[0].float()), positions=list(range(seq_len))))
+        targets: dict[tuple[int, int], list[int]] = {}
 
-        yield ForwardPass(tokens, [AttentionRows(accumulate)], done=done)
+        def done() -> None:
+            targets.update(self._reduce(probe_id, tokens, received, hidden))
+
+        yield ForwardPass(tokens, needs, done=done)
+
+        if not calibrate or not targets:
+            return
+        before = float(self.metric(logits[0], tokens))
+        calibrated: list[Tensor] = []
+
+        def done_calibrated() -> None:
+            after = float(self.metric(calibrated[0], tokens))
+            heads = sorted(targets)
+            self._rows["sink_calibration"].append(
+                pd.DataFrame(
+                    {
+                        "probe": [probe_id],
+                        "heads": [" ".join(f"{layer}.{head}" for layer, head in heads)],
+                        "n_heads": [len(heads)],
+                        "n_sinks": [sum(len(p) for p in targets.values())],
+                        "beta": [self.params.beta],
+                        "metric": [getattr(self.metric, "__name__", "metric")],
+                        "before": [before],
+                        "after": [after],
+                        "change": [after - before],
+                    }
+                )
+            )
+
+        yield ForwardPass(
+            tokens,
+            [Logits(lambda x: calibrated.append(x[0].float()), positions=list(range(seq_len)))],
+            calibration_interventions(targets, self.params.beta),
+            done=done_calibrated,
+        )
+
+    def _reduce(self, probe_id: str, tokens: Tensor, received: Tensor, hidden: HiddenStats) -> dict[tuple[int, int], list[int]]:
+        p = self.params
+        n_layers = self.model.info.n_layers
+        texts = self.model.token_strings(tokens)
+        importance = key_importance(received)
+        self._sink_scores += importance[..., 0].double()
+        self._prefix_mass += prefix_mass(received, p.n_prefix).double()
+        self._first_tokens[texts[0]] += 1
+        self._n_prompts += 1
+
+        n_queries = queries_seeing(len(tokens))
+        is_sink = sink_mask(importance, n_queries, p.tau, p.min_queries)
+        is_first = first_sinks(is_sink)
+        layer, head, position = is_sink.nonzero(as_tuple=True)
+        self._rows["sink_tokens"].append(
+            pd.DataFrame(
+                {
+                    "probe": probe_id,
+                    "layer": layer.numpy(),
+                    "head": head.numpy(),
+                    "position": position.numpy(),
+                    "token": [texts[i] for i in position.tolist()],
+                    "score": importance[layer, head, position].double().numpy(),
+                    "n_queries": n_queries[position].long().numpy(),
+                    "is_first": is_first[layer, head, position].numpy(),
+                    "tau": p.tau,
+                }
+            )
+        )
+        sink_positions = set(position.tolist())
+
+        if p.active_rule == "ratio":
+            active = raised_layers(hidden.norms[:, 0], hidden.norms.median(dim=1).values, p.norm_ratio)
+        else:
+            active = jump_window(hidden.norms[:, 0])
+        aligned = aligned_with_first(hidden.cosine, active, p.cos_threshold)
+        first_layer, last_layer, lifetime = formation(aligned)
+        found = (lifetime > 0).nonzero().flatten()
+        formed_at = first_layer[found]
+        mlp_norm = hidden.mlp_norms[formed_at, found]
+        mlp_median = hidden.mlp_norms.median(dim=1).values[formed_at]
+        mean_cos = (hidden.cosine.abs() * aligned).sum(0)[found] / lifetime[found].clamp_min(1)
+        self._rows["secondary_sinks"].append(
+            pd.DataFrame(
+                {
+                    "probe": probe_id,
+                    "position": found.numpy(),
+                    "token": [texts[i] for i in found.tolist()],
+                    "formation_layer": formed_at.numpy(),
+                    "last_layer": last_layer[found].numpy(),
+                    "lifetime": lifetime[found].numpy(),
+                    "mlp_norm": mlp_norm.double().numpy(),
+                    "mlp_norm_ratio": (mlp_norm / mlp_median).double().numpy(),
+                    "mean_abs_cos": mean_cos.double().numpy(),
+                    "label": [lifetime_label(int(n), n_layers, p.noise_fraction, p.primary_fraction) for n in lifetime[found]],
+                    "is_attention_sink": [i in sink_positions for i in found.tolist()],
+                    "active_layers": layer_ranges(active.nonzero().flatten().tolist()),
+                }
+            )
+        )
+
+        top_positions = hidden.top_positions.flatten()
+        values, medians = hidden.top_values.flatten(), hidden.medians[:, None].expand_as(hidden.top_values).flatten()
+        k = hidden.top_values.shape[1]
+        self._rows["massive_activations"].append(
+            pd.DataFrame(
+                {
+                    "probe": probe_id,
+                    "layer": torch.arange(n_layers).repeat_interleave(k).numpy(),
+                    "rank": torch.arange(1, k + 1).repeat(n_layers).numpy(),
+                    "position": top_positions.numpy(),
+                    "token": [texts[i] for i in top_positions.tolist()],
+                    "channel": hidden.top_channels.flatten().numpy(),
+                    "value": values.double().numpy(),
+                    "median": medians.double().numpy(),
+                    "ratio": (values.abs() / medians).double().numpy(),
+                    "is_massive": is_massive(values, medians, p.massive_value, p.massive_ratio).numpy(),
+                    "on_sink_token": [i in sink_positions for i in top_positions.tolist()],
+                    "on_first_token": (top_positions == 0).numpy(),
+                }
+            )
+        )
+
+        # Calibration targets: each head's sinks other than its first (ACT), in the allowed heads.
+        targets: dict[tuple[int, int], list[int]] = {}
+        for layer_index, head_index, sink in zip(*(t.tolist() for t in (is_sink & ~is_first).nonzero(as_tuple=True))):
+            if self.calibration_heads is None or (layer_index, head_index) in self.calibration_heads:
+                targets.setdefault((layer_index, head_index), []).append(sink)
+        return targets
 
     def finish(self) -> list[Report]:
+        p = self.params
         n = max(self._n_prompts, 1)
         scores, mass = self._sink_scores / n, self._prefix_mass / n
         layer, head = torch.meshgrid(torch.arange(scores.shape[0]), torch.arange(scores.shape[1]), indexing="ij")
-        eps = self.params.eps
         frame = pd.DataFrame(
             {
                 "layer": layer.flatten().numpy(),
                 "head": head.flatten().numpy(),
                 "sink_score": scores.flatten().numpy(),
-                "is_sink": (scores > eps).flatten().numpy(),
-                "eps": eps,
+                "is_sink": (scores > p.eps).flatten().numpy(),
+                "eps": p.eps,
                 "sink_mass_first4": mass.flatten().numpy(),
                 "first_token": self._first_tokens.most_common(1)[0][0] if self._first_tokens else "",
                 "n_prompts": self._n_prompts,
             }
         )
-        rate = sink_rate(scores, eps)
-        summary = summary_report(
-            [(f"sink_rate_eps{eps:g}", rate, f"Sink_1^{eps:g}: percent of {scores.numel()} heads whose first-token score exceeds {eps:g}")]
-        )
-        return [Report("sinks", frame), summary]
+        reports = [Report("sinks", frame)]
+        for schema in self.reports[1:]:
+            parts = [part for part in self._rows[schema.name] if len(part)]
+            body = pd.concat(parts, ignore_index=True) if parts else schema.empty_frame().drop(columns=["run_id", "model", "detector"])
+            reports.append(Report(schema.name, body))
+        frames = {r.type: r.frame for r in reports}
+        return reports + [summary_report(self._summary(scores, frames))]
+
+    def _summary(self, scores: Tensor, frames: dict[str, pd.DataFrame]) -> list[tuple[str, float, str]]:
+        p = self.params
+        n_layers, n_heads = self.model.info.n_layers, self.model.info.n_heads
+        tokens, secondary = frames["sink_tokens"], frames["secondary_sinks"]
+        massive, calibration = frames["massive_activations"], frames["sink_calibration"]
+        hidden = tokens[~tokens["is_first"]]
+        later = secondary[secondary["position"] > 0]
+        is_secondary = later[later["label"] == "secondary"]
+        big = massive[massive["is_massive"]]
+        noise_max, primary_min = lifetime_thresholds(n_layers, p.noise_fraction, p.primary_fraction)
+        rows = [
+            (f"sink_rate_eps{p.eps:g}", sink_rate(scores, p.eps), f"Sink_1^{p.eps:g}: percent of {scores.numel()} heads whose first-token score exceeds {p.eps:g}"),
+            ("hidden_sinks", float(len(hidden)), f"(probe, layer, head, position) sinks other than each head's first (score > {p.tau:g}, >= {p.min_queries} queries)"),
+            ("hidden_sink_tokens", float(len(hidden[["probe", "position"]].drop_duplicates())), "distinct (probe, position) that are a hidden sink in some head"),
+            (
+                "heads_with_hidden_sinks",
+                100.0 * len(hidden[["layer", "head"]].drop_duplicates()) / (n_layers * n_heads),
+                "percent of heads with a hidden sink on some probe",
+            ),
+            ("secondary_sinks", float(len(is_secondary)), f"later tokens aligned with the first token for {noise_max:g} < lifetime < {primary_min:g} layers"),
+            ("sink_levels", float(is_secondary["formation_layer"].nunique()), "distinct formation layers of secondary sinks"),
+            ("massive_activations", float(len(big)), f"top-{p.top_k} residual entries per layer and probe with |value| > {p.massive_value:g} and > {p.massive_ratio:g} x median"),
+        ]
+        if len(big):
+            rows.append(("massive_on_sink_tokens", 100.0 * float(big["on_sink_token"].mean()), "percent of massive activations that sit on a sink token"))
+        if len(calibration):
+            rows += [
+                ("calibration_before", float(calibration["before"].mean()), f"{calibration['metric'].iloc[0]}, mean over {len(calibration)} calibrated probes"),
+                ("calibration_after", float(calibration["after"].mean()), f"the same with hidden sinks scaled by beta = {p.beta:g}"),
+            ]
+        return rows
+
+
+@dataclass
+class HiddenStats:
+    """Per-layer reductions of the hidden states of one probe, filled inside the forward pass."""
+
+    n_layers: int
+    seq_len: int
+    top_k: int
+
+    def __post_init__(self):
+        shape = (self.n_layers, self.seq_len)
+        self.norms, self.cosine, self.mlp_norms = torch.zeros(shape), torch.zeros(shape), torch.zeros(shape)
+        self.top_values = torch.zeros(self.n_layers, self.top_k)
+        self.top_positions = torch.zeros(self.n_layers, self.top_k, dtype=torch.long)
+        self.top_channels = torch.zeros(self.n_layers, self.top_k, dtype=torch.long)
+        self.medians = torch.zeros(self.n_layers)
+
+    def resid_post(self, layer: int, x: Tensor) -> None:
+        h = x[0].detach()
+        self.norms[layer] = position_norms(h)
+        self.cosine[layer] = cosine_to_position(h, 0)
+        values, positions, channels = top_magnitudes(h, self.top_values.shape[1])
+        self.top_values[layer], self.top_positions[layer], self.top_channels[layer] = values, positions, channels
+        self.medians[layer] = median_magnitude(h)
+
+    def mlp_out(self, layer: int, x: Tensor) -> None:
+        self.mlp_norms[layer] = position_norms(x[0].detach())
+
+
+def calibrate_sinks(
+    model,
+    probes: Iterable[str | dict],
+    *,
+    metric: Metric = next_token_loss,
+    heads: Collection[tuple[int, int]] | None = None,
+    seed: int = 0,
+    **params,
+) -> pd.DataFrame:
+    """ACT's calibration from Python with any metric: ``metric(logits[pos, vocab], tokens[pos]) -> float``.
+
+    ``heads`` restricts the calibrated heads (``(layer, head)`` pairs; default every head with a
+    non-first sink on the probe); ``params`` are ``SinkParams`` fields (``beta``, ``tau``, ...).
+    Returns the ``sink_calibration`` rows (nothing is written to a store).
+    """
+    detector = Sinks(model, SinkParams(**params), seed=seed)
+    detector.metric, detector.calibration_heads = metric, heads
+    for index, probe in enumerate(probes):
+        probe = {"text": probe} if isinstance(probe, str) else probe
+        for forward in detector.passes(detector.check_probe(probe, f"probe {index + 1}"), index):
+            capture(model, forward.tokens, forward.needs, forward.interventions)
+            forward.done()
+    return next(r.frame for r in detector.finish() if r.type == "sink_calibration")

@@ -1,54 +1,304 @@
-"""The sinks detector on the real embedded model against transformers' own output_attentions."""
+"""The sinks detector on the real embedded model against a full cache (transformers' eager attention,
+output_attentions and every layer's hidden states), and on planted tensors."""
 
 from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 
 import lens
+from probes import ProbeError
+from probes.sinks import HiddenStats, SinkParams, Sinks, calibrate_sinks, layer_ranges
 
 PROBES = [
-    "The lighthouse keeper counted ships every evening and wrote their names in a ledger.",
+    "The lighthouse keeper counted the ships every evening and wrote the names of the ships in a ledger.",
     "<|im_start|>user\nName three colours of the rainbow.<|im_end|>\n<|im_start|>assistant\nRed, orange and yellow.<|im_end|>\n",
 ]
+TAU, MIN_QUERIES, BETA = 0.1, 8, 0.4
 
 
-def test_sinks_census_equals_output_attentions(smollm2, eager_reference, tmp_path):
-    probe_file = tmp_path / "probes.jsonl"
-    probe_file.write_text("\n".join(json.dumps({"text": text}) for text in PROBES) + "\n")
-    result = lens.census(smollm2, ["sinks"], tmp_path / "store", probes_file=probe_file)
-    frame = lens.ReportStore(tmp_path / "store").read("sinks", run_id=result.run_id).sort_values(["layer", "head"])
-    assert len(frame) == smollm2.info.n_layers * smollm2.info.n_heads == 270
+@pytest.fixture(scope="module")
+def census_run(smollm2, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sinks")
+    probe_file = folder / "probes.jsonl"
+    probe_file.write_text("\n".join(json.dumps({"id": f"p{i}", "text": text}) for i, text in enumerate(PROBES)) + "\n")
+    result = lens.census(smollm2, ["sinks"], folder / "store", probes_file=probe_file)
+    store = lens.ReportStore(folder / "store")
+    return {report: store.read(report, run_id=result.run_id) for report in store_reports()} | {"runs": store.runs(run_id=result.run_id)}
 
+
+def store_reports() -> list[str]:
+    return [schema.name for schema in Sinks.reports] + ["summary"]
+
+
+@pytest.fixture(scope="module")
+def full_cache(smollm2, eager_reference):
+    """Per probe: attention of every layer, every layer's output and MLP output, and all logits."""
     reference = eager_reference(smollm2)
-    first_token, first4 = torch.zeros(30, 9), torch.zeros(30, 9)
+    caches = []
     for text in PROBES:
         tokens = smollm2.tokenize(text)
-        with torch.no_grad():
-            attentions = reference(tokens[None], output_attentions=True).attentions
-        stacked = torch.stack([a[0] for a in attentions])  # layer head query key
-        first_token += stacked[..., :, 0].mean(-1) / len(PROBES)
-        first4 += stacked[..., :, :4].sum(-1).mean(-1) / len(PROBES)
+        resid, mlp = {}, {}
+        handles = []
+        for index, layer in enumerate(reference.model.layers):
+            handles.append(layer.register_forward_hook(lambda _m, _i, out, index=index: resid.__setitem__(index, (out[0] if isinstance(out, tuple) else out)[0])))
+            handles.append(layer.mlp.register_forward_hook(lambda _m, _i, out, index=index: mlp.__setitem__(index, out[0])))
+        try:
+            with torch.no_grad():
+                out = reference(tokens[None], output_attentions=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        caches.append(
+            {
+                "tokens": tokens,
+                "attention": torch.stack([a[0] for a in out.attentions]),  # layer head query key
+                "resid": torch.stack([resid[i] for i in range(len(resid))]),  # layer pos d_model
+                "mlp": torch.stack([mlp[i] for i in range(len(mlp))]),
+                "logits": out.logits[0],
+            }
+        )
+    return caches
+
+
+def direct_sinks(attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ACT's definition written out: mean over t >= s of A[t, s]; keys seen by >= MIN_QUERIES queries."""
+    n = attention.shape[-1]
+    importance = torch.stack([attention[..., s:, s].mean(-1) for s in range(n)], dim=-1)
+    seen = torch.tensor([n - s >= MIN_QUERIES for s in range(n)])
+    return importance, (importance > TAU) & seen
+
+
+def test_sinks_census_equals_output_attentions(census_run, full_cache, smollm2):
+    frame = census_run["sinks"].sort_values(["layer", "head"])
+    assert len(frame) == smollm2.info.n_layers * smollm2.info.n_heads == 270
+    first_token = sum(c["attention"][..., :, 0].mean(-1) for c in full_cache) / len(PROBES)
+    first4 = sum(c["attention"][..., :, :4].sum(-1).mean(-1) for c in full_cache) / len(PROBES)
     got = torch.tensor(frame["sink_score"].to_numpy(), dtype=torch.float32).view(30, 9)
     torch.testing.assert_close(got, first_token, atol=1e-4, rtol=0)
     got4 = torch.tensor(frame["sink_mass_first4"].to_numpy(), dtype=torch.float32).view(30, 9)
     torch.testing.assert_close(got4, first4, atol=1e-4, rtol=0)
     assert (frame["is_sink"] == (frame["sink_score"] > 0.3)).all()
-    assert set(frame["n_prompts"]) == {2}
+    assert set(frame["n_prompts"]) == {2} and set(frame["first_token"]) <= {"The", "<|im_start|>"}
 
-    summary = lens.ReportStore(tmp_path / "store").read("summary", run_id=result.run_id)
-    rate = summary.set_index("metric").loc["sink_rate_eps0.3", "value"]
-    assert rate == pytest.approx(100.0 * (first_token > 0.3).double().mean().item(), abs=1e-6)
+    summary = census_run["summary"].set_index("metric")["value"]
+    assert summary["sink_rate_eps0.3"] == pytest.approx(100.0 * (first_token > 0.3).double().mean().item(), abs=1e-6)
 
-    runs = lens.ReportStore(tmp_path / "store").runs(run_id=result.run_id)
+    runs = census_run["runs"]
     assert runs.loc[0, "model_fingerprint"] == smollm2.info.fingerprint
-    assert json.loads(runs.loc[0, "params"]) == {"eps": 0.3, "n_prefix": 4}
+    assert json.loads(runs.loc[0, "params"]) == SinkParams().__dict__
     assert "torch" in json.loads(runs.loc[0, "versions"])
+
+
+def test_sink_tokens_equal_direct_importance(census_run, full_cache, smollm2):
+    frame = census_run["sink_tokens"]
+    for index, cache in enumerate(full_cache):
+        importance, mask = direct_sinks(cache["attention"])
+        rows = frame[frame["probe"] == f"p{index}"]
+        got = torch.zeros_like(mask)
+        index_of_rows = tuple(torch.as_tensor(rows[c].to_numpy().copy()) for c in ("layer", "head", "position"))
+        got[index_of_rows] = True
+        # Scores within 1e-4 of tau may fall either way between two float32 implementations.
+        clear = (importance - TAU).abs() > 1e-4
+        assert torch.equal(got & clear, mask & clear)
+        scores = importance[index_of_rows]
+        torch.testing.assert_close(torch.tensor(rows["score"].to_numpy(), dtype=torch.float32), scores, atol=1e-4, rtol=0)
+        n = len(cache["tokens"])
+        assert (rows["n_queries"] == n - rows["position"]).all() and (rows["n_queries"] >= MIN_QUERIES).all()
+        lowest = rows.groupby(["layer", "head"])["position"].transform("min")
+        assert (rows["is_first"] == (rows["position"] == lowest)).all()
+        assert (rows["token"] == [smollm2.token_strings(cache["tokens"])[p] for p in rows["position"]]).all()
+        # The phenomenon itself: the first token is most heads' first sink, and later sinks exist.
+        assert (rows[rows["is_first"]]["position"] == 0).mean() > 0.8
+        assert (~rows["is_first"]).sum() > 0
+
+
+def test_secondary_sinks_equal_direct_hidden_states(census_run, full_cache, smollm2):
+    frame = census_run["secondary_sinks"]
+    n_layers = smollm2.info.n_layers
+    for index, cache in enumerate(full_cache):
+        resid, mlp = cache["resid"], cache["mlp"]
+        norms = resid.norm(dim=-1)
+        active = norms[:, 0] > 2.0 * norms.median(dim=1).values
+        cosine = torch.nn.functional.cosine_similarity(resid, resid[:, :1], dim=-1)
+        aligned = (cosine.abs() > 0.9) & active[:, None]
+        rows = frame[frame["probe"] == f"p{index}"].set_index("position")
+        expected_positions = [p for p in range(resid.shape[1]) if aligned[:, p].any()]
+        assert rows.index.tolist() == expected_positions
+        assert set(rows["active_layers"]) == {layer_ranges(active.nonzero().flatten().tolist())}
+        for position in expected_positions:
+            layers = aligned[:, position].nonzero().flatten()
+            row = rows.loc[position]
+            assert (row["formation_layer"], row["last_layer"], row["lifetime"]) == (layers[0], layers[-1], len(layers))
+            formed = int(layers[0])
+            assert row["mlp_norm"] == pytest.approx(float(mlp[formed, position].norm()), rel=1e-4)
+            assert row["mlp_norm_ratio"] == pytest.approx(float(mlp[formed, position].norm() / mlp[formed].norm(dim=-1).median()), rel=1e-4)
+            assert row["mean_abs_cos"] == pytest.approx(float(cosine[layers, position].abs().mean()), abs=1e-4)
+            expected_label = "primary" if len(layers) >= 0.625 * n_layers else "noise" if len(layers) <= 0.1 * n_layers else "secondary"
+            assert row["label"] == expected_label
+    # SmolLM2 forms secondary sinks on later tokens ("the", "user") in its early layers.
+    assert (frame[frame["position"] > 0]["label"] == "secondary").sum() >= 2
+    assert (frame[frame["position"] == 0]["label"] == "primary").all()
+
+
+def test_massive_activations_equal_direct_hidden_states(census_run, full_cache):
+    frame = census_run["massive_activations"]
+    sinks = census_run["sink_tokens"]
+    for index, cache in enumerate(full_cache):
+        resid = cache["resid"]
+        rows = frame[frame["probe"] == f"p{index}"].sort_values(["layer", "rank"])
+        flat = resid.flatten(1)
+        top = flat.abs().topk(3, dim=-1)
+        median = flat.abs().median(dim=-1).values
+        torch.testing.assert_close(
+            torch.tensor(rows["value"].to_numpy(), dtype=torch.float32).view(-1, 3).abs(), top.values, rtol=1e-4, atol=1e-3
+        )
+        assert rows["position"].tolist() == (top.indices // resid.shape[-1]).flatten().tolist()
+        assert rows["channel"].tolist() == (top.indices % resid.shape[-1]).flatten().tolist()
+        torch.testing.assert_close(torch.tensor(rows["median"].to_numpy(), dtype=torch.float32)[::3], median, rtol=1e-4, atol=1e-6)
+        magnitude = top.values.flatten()
+        expected = (magnitude > 100) & (magnitude > 1000 * median.repeat_interleave(3))
+        assert rows["is_massive"].tolist() == expected.tolist()
+        sink_positions = set(sinks[sinks["probe"] == f"p{index}"]["position"])
+        assert rows["on_sink_token"].tolist() == [p in sink_positions for p in rows["position"]]
+    # SmolLM2: from layer 11 the first token carries an entry above 10^4 in one channel.
+    assert frame[(frame["layer"] == 15) & (frame["rank"] == 1)]["is_massive"].all()
+
+
+def _act_reference_attention(targets: dict[tuple[int, int], list[int]], beta: float):
+    """Eager attention with ACT's edit written out, for an independent forward pass."""
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        repeat = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
+        n = query.shape[2]
+        scores = (query @ key.transpose(-1, -2)) * scaling
+        scores = scores.masked_fill(~torch.tril(torch.ones(n, n, dtype=torch.bool)), float("-inf"))
+        probs = scores.float().softmax(-1)
+        for (layer, head), sinks in targets.items():
+            if layer != module.layer_idx:
+                continue
+            row = probs[0, head]
+            is_sink = torch.zeros(n, dtype=torch.bool)
+            is_sink[sinks] = True
+            sink_mass = (row * is_sink).sum(-1, keepdim=True)
+            rest = row * ~is_sink
+            probs[0, head] = row * is_sink * beta + rest + (1 - beta) * sink_mass * rest / rest.sum(-1, keepdim=True)
+        return (probs.to(value.dtype) @ value).transpose(1, 2).contiguous(), probs
+
+    return attention
+
+
+def test_calibration_equals_eager_forward_with_act_edit(census_run, full_cache, smollm2, eager_reference):
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    frame = census_run["sink_calibration"].set_index("probe")
+    sinks = census_run["sink_tokens"]
+    reference = eager_reference(smollm2)
+    assert len(frame) == len(PROBES)
+    for index, cache in enumerate(full_cache):
+        tokens, logits = cache["tokens"], cache["logits"]
+        row = frame.loc[f"p{index}"]
+        before = torch.nn.functional.cross_entropy(logits[:-1], tokens[1:]).item()
+        assert row["before"] == pytest.approx(before, abs=1e-4)
+
+        hidden = sinks[(sinks["probe"] == f"p{index}") & ~sinks["is_first"]]
+        targets: dict[tuple[int, int], list[int]] = {}
+        for layer, head, position in hidden[["layer", "head", "position"]].itertuples(index=False):
+            targets.setdefault((layer, head), []).append(position)
+        assert row["heads"] == " ".join(f"{layer}.{head}" for layer, head in sorted(targets))
+        assert (row["n_heads"], row["n_sinks"], row["beta"]) == (len(targets), len(hidden), BETA)
+
+        AttentionInterface.register("act_reference", _act_reference_attention(targets, BETA))
+        ALL_MASK_ATTENTION_FUNCTIONS.register("act_reference", sdpa_mask)
+        reference.config._attn_implementation = "act_reference"
+        try:
+            with torch.no_grad():
+                calibrated = reference(tokens[None]).logits[0]
+        finally:
+            reference.config._attn_implementation = "eager"
+        after = torch.nn.functional.cross_entropy(calibrated[:-1], tokens[1:]).item()
+        assert row["after"] == pytest.approx(after, abs=1e-4)
+        assert row["change"] == pytest.approx(after - before, abs=1e-4)
+        assert abs(after - before) > 1e-3  # the edit changes the model
+
+
+def test_calibration_python_api_takes_a_metric_and_a_head_set(smollm2, full_cache):
+    def last_token_loss(logits, tokens):
+        return float(torch.nn.functional.cross_entropy(logits[-2:-1], tokens[-1:]))
+
+    cache = full_cache[0]
+    everything = calibrate_sinks(smollm2, [PROBES[0]], metric=last_token_loss)
+    assert everything.loc[0, "metric"] == "last_token_loss"
+    direct = torch.nn.functional.cross_entropy(cache["logits"][-2:-1], cache["tokens"][-1:]).item()
+    assert everything.loc[0, "before"] == pytest.approx(direct, abs=1e-4)
+    chosen = everything.loc[0, "heads"].split()[:2]
+    heads = [tuple(int(x) for x in name.split(".")) for name in chosen]
+    restricted = calibrate_sinks(smollm2, [PROBES[0]], metric=last_token_loss, heads=heads, beta=0.0)
+    assert restricted.loc[0, "heads"].split() == chosen and restricted.loc[0, "beta"] == 0.0
+    assert restricted.loc[0, "before"] == pytest.approx(everything.loc[0, "before"], abs=1e-6)
+
+
+def test_planted_sinks_are_found_by_the_detector(tiny_llama):
+    """Plant a first-token sink, a later-token sink, an aligned hidden state and a massive activation
+    in the detector's per-probe reductions and read them back from its reports."""
+    detector = Sinks(tiny_llama, SinkParams(top_k=2))
+    n_layers, n_heads = tiny_llama.info.n_layers, tiny_llama.info.n_heads
+    tokens = tiny_llama.tokenize("one two three four five six seven eight nine ten eleven twelve")
+    n = len(tokens)
+    assert n >= 12
+    probs = torch.zeros(n_layers, n_heads, n, n)
+    probs[..., 0] = 1.0  # every head: all attention on the first token
+    probs[1, 1, 4:] *= 0.5  # layer 1 head 1: half of every row from 4 on to position 3
+    probs[1, 1, 4:, 3] += 0.5
+    received = probs.sum(dim=-2)
+
+    torch.manual_seed(0)
+    hidden = HiddenStats(n_layers, n, top_k=2)
+    d_model = tiny_llama.info.d_model
+    for layer in range(n_layers):
+        h = torch.randn(1, n, d_model)
+        h[0, 0] *= 10.0  # a raised first token in every layer
+        h[0, 0, 5] = 5000.0  # a massive activation on it
+        if layer == 1:
+            h[0, 3] = -0.5 * h[0, 0]  # position 3 aligned with the first token in layer 1 only
+        hidden.resid_post(layer, h)
+        hidden.mlp_out(layer, torch.ones(1, n, d_model) * (1 + torch.arange(n)[None, :, None]))
+
+    targets = detector._reduce("planted", tokens, received, hidden)
+    reports = {r.type: r.frame for r in detector.finish()}
+    found = reports["sink_tokens"]
+    assert set(found[found["is_first"]]["position"]) == {0}
+    hidden_sinks = found[~found["is_first"]]
+    assert [(1, 1, 3)] == [tuple(r) for r in hidden_sinks[["layer", "head", "position"]].to_numpy()]
+    assert targets == {(1, 1): [3]}
+    secondary = reports["secondary_sinks"].set_index("position")
+    assert secondary.loc[3, "formation_layer"] == 1 and secondary.loc[3, "lifetime"] == 1
+    assert secondary.loc[3, "mlp_norm"] == pytest.approx(4 * d_model**0.5)
+    assert secondary.loc[3, "is_attention_sink"] and secondary.loc[0, "lifetime"] == n_layers
+    massive = reports["massive_activations"]
+    top = massive[massive["rank"] == 1]
+    assert (top["position"] == 0).all() and (top["channel"] == 5).all() and top["is_massive"].all()
+    assert top["on_sink_token"].all() and top["on_first_token"].all()
+    second = massive[massive["rank"] == 2].set_index("layer")
+    assert second.loc[1, "position"] == 3 and second.loc[1, "is_massive"] and second.loc[1, "on_sink_token"]
+    assert not second.drop(index=1)["is_massive"].any()
+    summary = reports["summary"].set_index("metric")["value"]
+    assert summary["hidden_sinks"] == 1 and summary["hidden_sink_tokens"] == 1 and summary["massive_activations"] == n_layers + 1
 
 
 def test_builtin_sinks_probes_run_on_tiny_model(tiny_llama, store):
     result = lens.census(tiny_llama, ["sinks"], store, limit=2)
     frame = store.read("sinks", run_id=result.run_id)
     assert len(frame) == 2 * 4 and frame["sink_score"].between(0, 1).all()
+    for report in store_reports():
+        assert isinstance(store.read(report, run_id=result.run_id), pd.DataFrame)
+
+
+def test_bad_active_rule_is_one_clear_error(tiny_llama, store):
+    with pytest.raises(ProbeError, match="active_rule"):
+        lens.census(tiny_llama, ["sinks"], store, limit=1, params={"sinks": {"active_rule": "median"}})
