@@ -85,3 +85,14 @@ def test_census_end_to_end_via_python_m(tmp_path):
 def test_models_and_detectors_lists(capsys):
     assert _run(capsys, "models")[1].count("smollm2-135m") == 1
     assert "sinks" in _run(capsys, "detectors")[1]
+
+
+def test_readme_schema_block_is_current():
+    """The README's store schema is generated from the declared schemas: `lens schema --readme README.md`."""
+    from pathlib import Path
+
+    from lens._store.schema import schema_markdown
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    block = readme.split("<!-- schema:begin -->")[1].split("<!-- schema:end -->")[0].strip()
+    assert block == schema_markdown().strip(), "run `lens schema --readme README.md`"
