@@ -302,3 +302,31 @@ def test_builtin_sinks_probes_run_on_tiny_model(tiny_llama, store):
 def test_bad_active_rule_is_one_clear_error(tiny_llama, store):
     with pytest.raises(ProbeError, match="active_rule"):
         lens.census(tiny_llama, ["sinks"], store, limit=1, params={"sinks": {"active_rule": "median"}})
+
+
+def test_token_strip_and_lifetime_views_show_the_stored_rows(census_run):
+    import numpy as np
+
+    from lens.views import VIEWS
+
+    tokens, secondary = census_run["sink_tokens"], census_run["secondary_sinks"]
+    strip = VIEWS["sinks.token_strip"].make({"sink_tokens": tokens, "secondary_sinks": secondary})
+    probe = tokens[~tokens["is_first"]].groupby("probe").size().idxmax()
+    assert strip.layout.title.text.endswith(f"probe {probe}")
+    rows = tokens[tokens["probe"] == probe]
+    z = np.asarray(strip.data[0].z, dtype=float)
+    positions = [int(label.split()[0]) for label in strip.data[0].x]
+    for (position, layer), count in rows.groupby(["position", "layer"]).size().items():
+        assert z[layer, positions.index(position)] == count
+    assert np.nansum(z) == len(rows)
+
+    lifetime = VIEWS["sinks.secondary_lifetime"].make({"secondary_sinks": secondary})
+    spans: dict[str, float] = {}
+    for trace in lifetime.data:
+        for name, width in zip(trace.y, trace.x):
+            spans[name] = spans.get(name, 0) + width
+    for row in secondary.itertuples(index=False):
+        covered = spans[f"{row.probe} {row.position} {row.token!r}"]
+        # The first token is aligned in every active layer; a later token may skip some inside its span.
+        assert covered == row.lifetime if row.position == 0 else covered >= row.lifetime
+    assert {trace.name for trace in lifetime.data} == set(secondary["label"])
