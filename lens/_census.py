@@ -127,6 +127,8 @@ def census(
 
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     run_id = new_run_id()
+    for detector in instances.values():
+        detector.run_id, detector.store = run_id, store
     result = CensusResult(run_id, model.name, store)
     total = sum(len(p) for p in probe_sets.values())
     streams = {name: _passes(instances[name], probe_sets[name]) for name in instances}

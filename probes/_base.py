@@ -84,6 +84,9 @@ class Detector:
         self.prepend_bos = prepend_bos
         self.generator = torch.Generator().manual_seed(seed)
         self.rng = random.Random(seed)
+        # Set by the census before the first pass: files a detector saves go into the store, named by run.
+        self.run_id = ""
+        self.store = None
 
     # -- probes ---------------------------------------------------------------------------------
     def builtin_probes(self) -> list[dict]:

@@ -101,6 +101,7 @@ def session_attention(session: CaptureSession | None, module, query, key, value,
     edits = session.interventions_at(layer)
     for edit in edits:
         query = edit.edit_query(query, positions)
+        key = edit.edit_key(key, torch.arange(kv_len, device=key.device))
 
     consumers = session.attention_consumers(layer)
     prob_edits = [edit for edit in edits if edit.edits_probs]

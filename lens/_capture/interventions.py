@@ -1,6 +1,6 @@
 """Edits applied inside the attention function of one layer, during a forward pass.
 
-Three places can be edited, in this order: the rotated queries (before scores), the attention
+Four places can be edited, in this order: the rotated queries and keys (before scores), the attention
 probabilities (forces the blockwise path for that layer), and the per-head outputs ``z`` (before the
 output projection). Every detector's causal test is one of the classes below.
 """
@@ -23,6 +23,9 @@ class Intervention:
 
     def edit_query(self, query: Float[Tensor, "batch head q d_head"], positions: Int[Tensor, " q"]) -> Tensor:
         return query
+
+    def edit_key(self, key: Float[Tensor, "batch kv_head key d_head"], positions: Int[Tensor, " key"]) -> Tensor:
+        return key
 
     def edit_probs(self, probs: Float[Tensor, "batch head row key"], positions: Int[Tensor, " row"]) -> Tensor:
         return probs

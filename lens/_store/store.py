@@ -113,6 +113,22 @@ class ReportStore:
             raise StoreError(f"cannot write to store {self.path}: {error.strerror or error}") from None
         return final_dir / name
 
+    def write_artifact(self, relative: str, data: bytes) -> Path:
+        """Write a detector's file (e.g. trained directions) to ``<store>/<relative>``, atomically."""
+        self.check_writable()
+        final = self.path / relative
+        tmp = self.path / ".tmp" / f"artifact-{uuid.uuid4().hex}"
+        try:
+            tmp.write_bytes(data)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, final)
+        except OSError as error:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"cannot write to store {self.path}: {error.strerror or error}") from None
+        return final
+
     def files(self, report_type: str, model: str | None = None, run_id: str | None = None) -> list[Path]:
         root = self.path / report_type
         model_glob = f"model={_partition_value(model)}" if model else "model=*"
