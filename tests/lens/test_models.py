@@ -1,0 +1,48 @@
+"""Model loading: catalog names, local folders, metadata, fingerprints, the bridge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lens
+from lens._models.fingerprint import weights_fingerprint
+
+
+def test_embedded_model_metadata(smollm2):
+    info = smollm2.info
+    assert (info.n_layers, info.n_heads, info.n_kv_heads, info.d_head, info.d_model) == (30, 9, 3, 64, 576)
+    assert info.n_ctx == 8192 and info.architecture == "LlamaForCausalLM" and info.bos_token == "<|im_start|>"
+    assert info.fingerprint == weights_fingerprint(smollm2.hf.state_dict())
+
+
+def test_local_folder_loads_the_same_weights(smollm2):
+    again = lens.load(str(smollm2.folder))
+    assert again.info.fingerprint == smollm2.info.fingerprint and again.info.n_layers == 30
+
+
+def test_unknown_model_lists_known_ones():
+    with pytest.raises(lens.UnknownModelError, match="known models: smollm2-135m, gemma3-270m, tiny-llama"):
+        lens.load("gpt-17")
+
+
+def test_tokenize_exactly_as_given(smollm2):
+    chat = "<|im_start|>user\nhi<|im_end|>\n"
+    ids = smollm2.tokenize(chat).tolist()
+    assert ids[0] == smollm2.tokenizer.bos_token_id and ids.count(smollm2.tokenizer.bos_token_id) == 1
+    assert smollm2.tokenize(chat, prepend_bos=True).tolist() == [smollm2.tokenizer.bos_token_id, *ids]
+    # The bridge prepends BOS by default: on chat text it doubles it.
+    bridge_ids = smollm2.bridge.to_tokens(chat)[0].tolist()
+    assert bridge_ids[:2] == [smollm2.tokenizer.bos_token_id] * 2
+
+
+def test_bridge_logits_equal_transformers(smollm2, eager_reference):
+    tokens = smollm2.tokenize("Bridges and rivers, hills and valleys.")
+    with torch.no_grad():
+        ours = smollm2.bridge(tokens[None])
+        reference = eager_reference(smollm2)(tokens[None]).logits
+    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=0)
+
+
+def test_tiny_llama_has_grouped_query_attention(tiny_llama):
+    assert (tiny_llama.info.n_heads, tiny_llama.info.n_kv_heads, tiny_llama.info.n_layers) == (4, 2, 2)
