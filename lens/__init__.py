@@ -10,7 +10,7 @@ Public surface (implementation modules are private):
 """
 
 from lens._capture.interventions import AddToQuery, Intervention, ReplaceZ, ScaleSinks, ZeroQuery
-from lens._capture.needs import AttentionBlock, AttentionRows, Logits, Residual
+from lens._capture.needs import AttentionBlock, AttentionRows, LogitChunks, Logits, Residual
 from lens._capture.session import capture, session
 from lens._models.catalog import DEFAULT_MODEL, cache_root, known_models
 from lens._models.model import Model, ModelInfo, PromptTooLongError, UnknownModelError, load
@@ -37,6 +37,7 @@ __all__ = [
     "AttentionRows",
     "DEFAULT_MODEL",
     "Intervention",
+    "LogitChunks",
     "Logits",
     "Model",
     "ModelInfo",

@@ -5,7 +5,9 @@ right away, layer by layer, so nothing of size layers x positions^2 is ever held
 
 - ``AttentionRows``: post-softmax attention of some query rows (or all), streamed in blocks;
 - ``Residual``: a residual-stream tensor per layer (``resid_post`` or ``mlp_out``);
-- ``Logits``: next-token logits at some positions (the LM head runs only there).
+- ``Logits``: next-token logits at some positions (the LM head runs only there);
+- ``LogitChunks``: logits at many positions, streamed a chunk at a time (loss or entropy over long
+  inputs without a positions x vocabulary tensor).
 """
 
 from __future__ import annotations
@@ -64,4 +66,14 @@ class Logits:
     positions: Sequence[int] = field(default_factory=lambda: [-1])
 
 
-Need = AttentionRows | Residual | Logits
+@dataclass(frozen=True)
+class LogitChunks:
+    """Logits at ``positions`` (None: every position), ``chunk`` positions at a time:
+    ``consume(positions, logits[batch, len(positions), vocab])``."""
+
+    consume: Callable[[Int[Tensor, " row"], Float[Tensor, "batch row vocab"]], None]
+    positions: Sequence[int] | None = None
+    chunk: int = 256
+
+
+Need = AttentionRows | Residual | Logits | LogitChunks

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from lens._capture.attention import ACTIVE_SESSION, DEFAULT_BLOCK_ELEMENTS
 from lens._capture.interventions import Intervention
-from lens._capture.needs import AttentionBlock, AttentionRows, Logits, Need, Residual
+from lens._capture.needs import AttentionBlock, AttentionRows, LogitChunks, Logits, Need, Residual
 
 
 @dataclass
@@ -100,18 +100,33 @@ def capture(
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     grad: bool = False,
 ) -> None:
-    """Run one forward pass over ``tokens`` and feed every need; the LM head runs only where a
-    ``Logits`` need asks. Nothing is returned: needs receive what they asked for."""
+    """Run one forward pass over ``tokens`` and feed every need. The decoder runs without its LM head;
+    logits are computed only where ``Logits`` or ``LogitChunks`` needs ask. Nothing is returned."""
     if tokens.dim() == 1:
         tokens = tokens[None]
     seq_len = tokens.shape[1]
     model.check_length(seq_len)
-    logit_needs = [need for need in needs if isinstance(need, Logits)]
-    logit_positions = sorted({p + seq_len if p < 0 else p for need in logit_needs for p in need.positions})
+
+    def absolute(position: int) -> int:
+        return position + seq_len if position < 0 else position
+
     with session(model, needs, interventions, seq_len=seq_len, block_elements=block_elements), torch.set_grad_enabled(grad):
-        keep = torch.as_tensor(logit_positions or [seq_len - 1], device=model.device)
-        logits = model.hf(input_ids=tokens.to(model.device), use_cache=False, logits_to_keep=keep).logits
-    index = {p: i for i, p in enumerate(logit_positions)}
-    for need in logit_needs:
-        rows = [index[p + seq_len if p < 0 else p] for p in need.positions]
-        need.consume(logits[:, rows])
+        decoder = getattr(model.hf, model.hf.base_model_prefix)
+        final = decoder(input_ids=tokens.to(model.device), use_cache=False).last_hidden_state
+        for need in needs:
+            if isinstance(need, Logits):
+                need.consume(lm_head(model, final[:, [absolute(p) for p in need.positions]]))
+            elif isinstance(need, LogitChunks):
+                positions = torch.arange(seq_len) if need.positions is None else torch.tensor([absolute(p) for p in need.positions])
+                for start in range(0, len(positions), need.chunk):
+                    chunk = positions[start : start + need.chunk]
+                    need.consume(chunk, lm_head(model, final[:, chunk.to(final.device)]))
+
+
+def lm_head(model, hidden: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos vocab"]:
+    """The model's unembedding of final (normed) hidden states, with its logit soft-capping if any."""
+    logits = model.hf.get_output_embeddings()(hidden)
+    softcap = getattr(model.hf.config.get_text_config(), "final_logit_softcapping", None)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits

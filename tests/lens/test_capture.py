@@ -99,3 +99,14 @@ def test_prompt_longer_than_context_is_refused(tiny_llama):
     tokens = torch.zeros(tiny_llama.info.n_ctx + 1, dtype=torch.long)
     with pytest.raises(lens.PromptTooLongError, match="longer than"):
         lens.capture(tiny_llama, tokens, [])
+
+
+def test_logit_chunks_stream_every_position(smollm2, eager_reference):
+    tokens = smollm2.tokenize(TEXT)
+    seen: list[torch.Tensor] = []
+    chunks: list[torch.Tensor] = []
+    lens.capture(smollm2, tokens, [lens.LogitChunks(lambda p, x: (seen.append(p), chunks.append(x[0])), chunk=7)])
+    assert torch.cat(seen).tolist() == list(range(len(tokens))) and max(len(p) for p in seen) == 7
+    with torch.no_grad():
+        reference = eager_reference(smollm2)(tokens[None]).logits[0]
+    torch.testing.assert_close(torch.cat(chunks), reference, atol=2e-4, rtol=0)
