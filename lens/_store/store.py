@@ -74,10 +74,20 @@ class ReportStore:
         return f"ReportStore({str(self.path)!r})"
 
     def _repr_html_(self) -> str:
-        types = self.report_types()
+        """Notebook summary: the finished runs (newest first) and each report type's row count."""
         runs = self.runs()
-        rows = "".join(f"<li>{t}</li>" for t in types)
-        return f"<b>ReportStore</b> {self.path} — {runs['run_id'].nunique() if len(runs) else 0} runs<ul>{rows}</ul>"
+        per_run = (
+            runs.groupby("run_id", sort=False)
+            .agg(model=("model", "first"), detectors=("detector", ", ".join), probes=("n_probes", "sum"), started_at=("started_at", "min"))
+            .reset_index()
+        )
+        rows = {t: sum(pq.ParquetFile(f).metadata.num_rows for f in self.files(t)) for t in self.report_types() if t != "runs"}
+        types = pd.DataFrame({"report": list(rows), "rows": list(rows.values())})
+        return (
+            f"<b>ReportStore</b> <code>{self.path}</code>: {len(per_run)} finished runs"
+            + (per_run.head(20)._repr_html_() if len(per_run) else "")
+            + (types._repr_html_() if len(types) else "<p>no reports</p>")
+        )
 
     def check_writable(self) -> None:
         """Fail early, with one line, when the store cannot be written."""

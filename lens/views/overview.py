@@ -8,7 +8,10 @@ Reads whichever of these reports a run has (a detector that did not run is simpl
 | retrieval | ``retrieval`` | ``is_retrieval`` | ``retrieval_score`` |
 | local / global | ``head_locality`` | ``group`` is "local" / "global" | ``mean_distance`` |
 | contextual | ``contextual`` | ``rank`` among the first ``CONTEXTUAL_TOP`` | ``contextual_score`` |
-| in-circuit | ``circuit_heads`` | ``in_circuit`` for any task | ``importance`` (largest over tasks, mean over methods) |
+| in-circuit | ``circuit_heads`` | ``in_circuit`` for any task | ``importance``: the largest magnitude over tasks |
+
+Circuit rows come from exact activation patching when the run has it (the estimates, attribution and
+EAP-IG, only approximate it), else from every method.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from lens.views.charts import head_grid, head_label, no_data
 from lens.views.style import DIVERGING, LOCALITY_COLORS, NEUTRAL, detector_color, styled
 
 CONTEXTUAL_TOP = 20
+EXACT_CIRCUIT_METHOD = "patching"
 
 
 def _flag(column: str) -> Callable[[pd.DataFrame], pd.Series]:
@@ -85,6 +89,8 @@ def _usable(frames: dict[str, pd.DataFrame], report: str, column: str) -> pd.Dat
     frame = frames.get(report)
     if frame is None or frame.empty or not {"layer", "head", column} <= set(frame.columns):
         return None
+    if report == "circuit_heads" and "method" in frame.columns and (frame["method"] == EXACT_CIRCUIT_METHOD).any():
+        return frame[frame["method"] == EXACT_CIRCUIT_METHOD]
     return frame
 
 
@@ -110,7 +116,7 @@ def head_table(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
         if frame is None:
             continue
         if score.report == "circuit_heads":
-            per_task = frame.groupby(["task", "layer", "head"])[score.source].mean()
+            per_task = frame.groupby(["task", "layer", "head"])[score.source].mean().abs()
             values = per_task.groupby(["layer", "head"]).max()
         else:
             values = frame.groupby(["layer", "head"])[score.source].mean()
@@ -259,16 +265,21 @@ def compare_labels(a: RunFrames, b: RunFrames) -> go.Figure:
     if counts.empty:
         return no_data(title, "neither run has head labels", width="double")
     fig = go.Figure()
+    # One trace per (label, run), so each bar has one colour; A and B share a legend entry each.
     for which, pattern in (("A", ""), ("B", "/")):
-        fig.add_trace(
-            go.Bar(
-                x=counts["label"],
-                y=counts[f"percent_{which}"],
-                name=which,
-                marker=dict(color=counts["color"], pattern=dict(shape=pattern, fgcolor="black", size=4), line=dict(color="black", width=0.5)),
-                hovertemplate="%{x}: %{y:.1f}% of heads<extra>" + which + "</extra>",
+        for row in counts.itertuples():
+            fig.add_trace(
+                go.Bar(
+                    x=[row.label],
+                    y=[getattr(row, f"percent_{which}")],
+                    name=which,
+                    offsetgroup=which,
+                    legendgroup=which,
+                    showlegend=row.Index == 0,
+                    marker=dict(color=row.color, pattern=dict(shape=pattern, fgcolor="black", size=4), line=dict(color="black", width=0.5)),
+                    hovertemplate="%{x}: %{y:.1f}% of heads<extra>" + which + "</extra>",
+                )
             )
-        )
     fig.update_layout(title=title, barmode="group", yaxis_title="% of heads", legend=dict(orientation="h", x=1, xanchor="right", y=1.02, yanchor="bottom"))
     return styled(fig, width="double", height_in=2.4)
 

@@ -12,7 +12,6 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-import lens
 from lens.views import VIEWS, available_views, render
 from lens.views._registry import run_report_types
 from lens.views.export import ExportError, export, find_browser, png_dpi
@@ -21,17 +20,6 @@ from lens.views.style import DETECTOR_COLORS, FONT_FAMILY, OKABE_ITO, PX_PER_IN,
 
 needs_browser = pytest.mark.skipif(find_browser() is None, reason="no Chromium-based browser for kaleido (apt-get install chromium)")
 needs_poppler = pytest.mark.skipif(shutil.which("pdftoppm") is None, reason="pdftoppm not installed (apt-get install poppler-utils)")
-
-
-# Detectors run for the view tests (two probes each); a detector adding views adds itself here.
-CENSUS_DETECTORS = ["sinks"]
-
-
-@pytest.fixture(scope="module")
-def census_run(smollm2, tmp_path_factory):
-    store = lens.ReportStore(tmp_path_factory.mktemp("views") / "store")
-    result = lens.census(smollm2, CENSUS_DETECTORS, store, limit=2)
-    return store, result.run_id
 
 
 @pytest.mark.parametrize("name", available_views())
@@ -99,7 +87,9 @@ def _planted_frames() -> dict[str, pd.DataFrame]:
         "circuit_heads": pd.concat(
             [
                 heads.assign(task="ioi", method="patching", importance=sink, in_circuit=(heads["layer"] == 0) & (heads["head"] == 2)),
-                heads.assign(task="copy", method="patching", importance=1 - sink, in_circuit=False),
+                heads.assign(task="copy", method="patching", importance=sink - 1, in_circuit=False),
+                # Estimates are ignored when exact patching is there.
+                heads.assign(task="ioi", method="attribution", importance=5.0, in_circuit=True),
             ]
         ),
     }
@@ -118,7 +108,7 @@ def test_overview_labels_and_scores_on_planted_reports():
 
     table = head_table(frames)
     assert len(table) == 12 and list(table.columns[:2]) == ["layer", "head"]
-    # The circuit score is the largest over tasks: max(sink, 1 - sink).
+    # The circuit score is the largest magnitude over tasks, from exact patching: max(|sink|, |sink - 1|).
     np.testing.assert_allclose(table["circuit_importance"], np.maximum(sink["sink_score"], 1 - sink["sink_score"]))
     rho = correlations(table)
     assert rho.loc["sink_score", "retrieval_score"] == pytest.approx(1)
@@ -156,7 +146,8 @@ def test_comparing_two_runs_and_two_models():
     depth = compare_scores(a, other)
     assert [t.name for t in depth.data] == ["A", "B"] and max(depth.data[1].x) == 1  # relative depth
     bars = compare_labels(a, other)
-    assert list(bars.data[0].x) == list(counts["label"])
+    assert [(t.name, t.x[0]) for t in bars.data] == [(run, label) for run in "AB" for label in counts["label"]]
+    assert [t.marker.color for t in bars.data[: len(counts)]] == list(counts["color"])
 
 
 @needs_browser
