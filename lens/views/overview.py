@@ -10,8 +10,9 @@ Reads whichever of these reports a run has (a detector that did not run is simpl
 | contextual | ``contextual`` | ``rank`` among the first ``CONTEXTUAL_TOP`` | ``contextual_score`` |
 | in-circuit | ``circuit_heads`` | ``in_circuit`` for any task | ``importance``: the largest magnitude over tasks |
 
-Circuit rows come from exact activation patching when the run has it (the estimates, attribution and
-EAP-IG, only approximate it), else from every method.
+Where a report has several rows per head, one kind is read (``PREFERRED_ROWS``): head locality of
+attention as is (variant "all", not "no_sink"), and circuits from exact activation patching (the
+estimates, attribution and EAP-IG, only approximate it). Without that column or value, every row is read.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from lens.views.charts import head_grid, head_label, no_data
 from lens.views.style import DIVERGING, LOCALITY_COLORS, NEUTRAL, detector_color, styled
 
 CONTEXTUAL_TOP = 20
-EXACT_CIRCUIT_METHOD = "patching"
+PREFERRED_ROWS = {"head_locality": ("variant", "all"), "circuit_heads": ("method", "patching")}
 
 
 def _flag(column: str) -> Callable[[pd.DataFrame], pd.Series]:
@@ -89,8 +90,10 @@ def _usable(frames: dict[str, pd.DataFrame], report: str, column: str) -> pd.Dat
     frame = frames.get(report)
     if frame is None or frame.empty or not {"layer", "head", column} <= set(frame.columns):
         return None
-    if report == "circuit_heads" and "method" in frame.columns and (frame["method"] == EXACT_CIRCUIT_METHOD).any():
-        return frame[frame["method"] == EXACT_CIRCUIT_METHOD]
+    if report in PREFERRED_ROWS:
+        column, value = PREFERRED_ROWS[report]
+        if column in frame.columns and (frame[column] == value).any():
+            return frame[frame[column] == value]
     return frame
 
 

@@ -97,8 +97,8 @@ h1 {{ font-size: 1.5em; }} h2 {{ border-bottom: 1px solid #ccc; padding-bottom: 
 .figures {{ display: flex; flex-wrap: wrap; gap: 1.5em; align-items: flex-start; }}
 figure {{ margin: 0; }} figcaption {{ font-size: .85em; color: #555; }}
 table {{ border-collapse: collapse; font-size: .85em; margin: .5em 0; }}
-th, td {{ border: 1px solid #ddd; padding: .2em .5em; text-align: right; }} th {{ background: #f4f4f4; }}
-td:first-child, th:first-child {{ text-align: left; }}
+table {{ display: block; overflow-x: auto; max-width: 100%; }}
+th, td {{ border: 1px solid #ddd; padding: .2em .5em; text-align: left; vertical-align: top; }} th {{ background: #f4f4f4; }}
 .swatch {{ display: inline-block; width: .8em; height: .8em; margin-right: .3em; vertical-align: baseline; }}
 nav a {{ margin-right: 1em; }} code {{ font-size: .9em; }}
 """
@@ -141,6 +141,7 @@ def _figure_html(name: str, fig: go.Figure) -> str:
         font_size=12,
         title_font_size=13,
         legend_font_size=11,
+        modebar_orientation="v",  # beside the plot, clear of the legend
     )
     div = screen.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{name.replace('.', '-')}", config={"displaylogo": False})
     title = VIEWS[name].title if name in VIEWS else name

@@ -82,7 +82,12 @@ def _planted_frames() -> dict[str, pd.DataFrame]:
     return {
         "sinks": heads.assign(sink_score=sink, is_sink=sink > 0.8),
         "retrieval": heads.assign(retrieval_score=2 * sink, is_retrieval=heads["layer"] == 1, extra="ignored"),
-        "head_locality": heads.assign(mean_distance=distance, group=np.where(distance < 6, "local", np.where(distance > 9, "global", "middle"))),
+        "head_locality": pd.concat(
+            [
+                heads.assign(variant="all", mean_distance=distance, group=np.where(distance < 6, "local", np.where(distance > 9, "global", "middle"))),
+                heads.assign(variant="no_sink", mean_distance=1.0, group="local"),  # another variant: not read
+            ]
+        ),
         "contextual": heads.assign(contextual_score=sink**2, rank=contextual_rank),
         "circuit_heads": pd.concat(
             [
