@@ -51,18 +51,21 @@ def generate(
     stop_at_newline: bool = True,
     temperature: float = 0.0,
     seed: int = 0,
+    past_key_values=None,
 ) -> Generation:
     """Decode an answer. With ``stop_at_newline`` it ends at the first newline once the answer has
-    begun (some non-space text before it). ``temperature > 0`` samples, seeded by ``seed``."""
+    begun (some non-space text before it). ``temperature > 0`` samples, seeded by ``seed``.
+    ``past_key_values``: a KV cache already holding the first tokens of the prompt (it is extended in
+    place, so pass a copy to reuse it); only the rest of the prompt is fed."""
     model.check_length(len(prompt_tokens) + max_new_tokens, what="prompt plus answer")
     stops = set(stop_token_ids(model))
     tokens = prompt_tokens.to(model.device)[None]
     answer: list[int] = []
     stopped_by = "length"
     generator = torch.Generator(device=model.device).manual_seed(seed)
-    past = None
+    past = past_key_values
     with torch.no_grad():
-        step_input = tokens
+        step_input = tokens if past is None else tokens[:, past.get_seq_length() :]
         for _ in range(max_new_tokens):
             out = model.hf(input_ids=step_input, past_key_values=past, use_cache=True, logits_to_keep=1)
             past = out.past_key_values

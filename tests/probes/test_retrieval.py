@@ -153,7 +153,7 @@ def test_bad_probe_lines_name_the_line(smollm2, tmp_path):
 
 def test_builtin_probes_run_on_tiny_model(tiny_llama, store):
     params = {"lengths": "[80]", "depths": "[0.5]", "ablation_ks": "[0, 2]", "ablation_draws": "2", "max_new_tokens": "5"}
-    result = lens.census(tiny_llama, ["retrieval"], store, params=params)
+    result = lens.census(tiny_llama, ["retrieval"], store, params={"retrieval": params})
     frame = store.read("retrieval", run_id=result.run_id)
     assert len(frame) == 2 * 4 and set(frame["n_trials"]) == {1}
-    assert len(store.read("retrieval_ablation", run_id=result.run_id)) == 4
+    assert len(store.read("retrieval_ablation", run_id=result.run_id)) == 5  # top and random at 0, top at 2, 2 random draws
