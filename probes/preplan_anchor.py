@@ -24,6 +24,7 @@ WAAD is at or below the response's ``local_waad_quantile`` (median) and that fol
 
 from __future__ import annotations
 
+import math
 import unicodedata
 from dataclasses import dataclass, field
 
@@ -334,7 +335,8 @@ class PreplanAnchor(Detector):
         ]
         summary.append(("n_probes", float(len(self.traces)), f"responses analysed ({self.n_skipped} skipped: fewer than 2 response tokens)"))
         summary.append(("n_response_tokens", float(n_tokens), "response tokens over all probes"))
-        return [*reports, summary_report(summary)]
+        # A statistic undefined on this run (e.g. no anchors in responses shorter than the FAI window) is left out.
+        return [*reports, summary_report([row for row in summary if not math.isnan(row[1])])]
 
     def _token_frame(self, trace: Trace, variant: str, local: Tensor, global_: Tensor) -> pd.DataFrame:
         params = self.params
