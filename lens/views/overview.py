@@ -182,6 +182,7 @@ def labels_grid(frames):
                 y=hits["head"] + dy,
                 mode="markers",
                 name=f"{label.name} ({len(hits)})",
+                showlegend=True,  # also when a single label is present
                 marker=dict(symbol=label.symbol, size=5, color=label.color, line=dict(color="black", width=0.4)),
                 hoverinfo="skip",
             )

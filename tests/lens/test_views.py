@@ -65,7 +65,8 @@ def test_overview_of_a_sinks_only_run(census_run):
     store, run_id = census_run
     fig = render(store, "overview.labels", run_id=run_id)
     n_sinks = int(store.read("sinks", run_id=run_id)["is_sink"].sum())
-    assert [t.name for t in fig.data if isinstance(t, go.Scatter)] == [f"sink ({n_sinks})"]
+    labelled = [t for t in fig.data if isinstance(t, go.Scatter)]
+    assert [t.name for t in labelled] == [f"sink ({n_sinks})"] and labelled[0].showlegend
     assert "overview.correlations" not in available_views(run_report_types(store, run_id))  # one score: nothing to correlate
 
 
