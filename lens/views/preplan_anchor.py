@@ -6,6 +6,7 @@ Every figure shows both variants: ``all`` (attention as is) and ``no_sink`` (sin
 
 from __future__ import annotations
 
+import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -14,6 +15,7 @@ from lens.views.charts import head_grid, head_label, no_data
 from lens.views.style import LOCALITY_COLORS, OKABE_ITO, SEQUENTIAL, styled
 
 VARIANTS = ("all", "no_sink")
+ATTENTION_TICKS = [0, 0.01, 0.05, 0.25, 1]
 VARIANT_TITLES = {"all": "all keys", "no_sink": "sink keys removed"}
 
 
@@ -45,7 +47,8 @@ def token_strip(frames):
     last = tokens[tokens["variant"] == VARIANTS[0]].sort_values("index")
     fig.update_xaxes(tickvals=last["index"], ticktext=[t.replace("\n", "\\n") for t in last["token"]], tickangle=-90, tickfont=dict(size=6), row=len(rows), col=1)
     fig.update_layout(title=f"{title}: probe {probe} (colour: value within each strip)", legend=dict(orientation="h", y=-0.45))
-    return styled(fig, width="double", height_in=3.2)
+    fig.update_annotations(font_size=8)
+    return styled(fig, width="double", height_in=3.4)
 
 
 @view("preplan_anchor.head_map", title="Local and global heads", reports=("head_locality",))
@@ -75,6 +78,7 @@ def head_map(frames):
     fig.update_xaxes(title_text="layer")
     fig.update_yaxes(title_text="head", col=1)
     fig.update_layout(title=title, legend=dict(orientation="h", y=-0.3))
+    fig.update_annotations(font_size=8)
     return styled(fig, width="double", height_in=2.6)
 
 
@@ -94,10 +98,12 @@ def attention_maps(frames):
         cells = excerpt[(excerpt["variant"] == variant) & (excerpt["role"] == role)]
         grid = cells.pivot_table(index="query_pos", columns="key_pos", values="attention")
         # Keys as categories so the first token sits next to the window instead of across a gap.
+        # Colour by the square root so weak off-diagonal structure shows next to the sink column.
         fig.add_trace(go.Heatmap(
-            z=grid.to_numpy(), x=[str(k) for k in grid.columns], y=list(grid.index), colorscale=SEQUENTIAL, zmin=0, zmax=1,
-            showscale=col == len(panels), colorbar=dict(title=dict(text="attention", side="right"), thickness=8),
-            hovertemplate="query %{y}, key %{x}<br>A = %{z:.3f}<extra></extra>",
+            z=np.sqrt(grid.to_numpy()), x=[str(k) for k in grid.columns], y=list(grid.index), colorscale=SEQUENTIAL, zmin=0, zmax=1,
+            customdata=grid.to_numpy(), showscale=col == len(panels),
+            colorbar=dict(title=dict(text="attention", side="right"), thickness=8, tickvals=np.sqrt(ATTENTION_TICKS), ticktext=[f"{t:g}" for t in ATTENTION_TICKS]),
+            hovertemplate="query %{y}, key %{x}<br>A = %{customdata:.3f}<extra></extra>",
         ), row=1, col=col)
         fig.update_xaxes(type="category", showticklabels=False, title_text="key (first token, then window)", title_font=dict(size=7), row=1, col=col)
         fig.update_yaxes(autorange="reversed", showticklabels=col == 1, row=1, col=col)
