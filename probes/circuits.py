@@ -120,12 +120,12 @@ SIZE_GRID = (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60, 80, 100, 1
 
 @dataclass
 class CircuitParams(Params):
-    pairs_per_task: int = 12
+    pairs_per_task: int = 8
     top_percent: float = 2.0
     selection: str = "top_percent"  # or "faithfulness"
     faithfulness_threshold: float = 0.8
-    ig_steps: int = 4  # EAP-IG interpolation steps; the last one is the clean run (attribution patching)
-    batch_size: int = 135  # single-token forwards per batch
+    ig_steps: int = 3  # EAP-IG interpolation steps; the last one is the clean run (attribution patching)
+    batch_size: int = 270  # single-token forwards per batch
     tasks: str = ",".join(BUILTIN_TASKS)  # built-in tasks to generate
     repair_heads: int = 0  # repair: scale this many top positive-importance heads (0: off)
     repair_scale: float = 2.0
@@ -156,7 +156,7 @@ def generate_pairs(tokenizer, task: str, n: int, rng: random.Random) -> list[dic
             clean = template.format(A=first, B=second, S=b)
             corrupt = template.format(A=c, B=d, S=e)
             pairs.append(dict(task=task, clean=clean, corrupt=corrupt, target=" " + a, foil=" " + b))
-        elif task == "colored_objects":
+        elif task.startswith("colored_objects"):
             # Minimal difference: ask about another object of the same scene; its colour is the foil.
             colors = rng.sample(_single_token_words(tokenizer, spec["colors"]), 3)
             objects = rng.sample(_single_token_words(tokenizer, spec["objects"]), 3)
@@ -329,13 +329,16 @@ class Circuits(Detector):
         self, pair: Pair, replace: Bool[Tensor, "batch layer head"], values: Float[Tensor, "layer head d_head"]
     ) -> Float[Tensor, " batch"]:
         """LD of the clean prompt with, in batch element b, the final-position z of the heads in
-        ``replace[b]`` set to ``values``. Uses the clean prefix's KV cache: earlier positions do not
-        depend on the final position's heads."""
+        ``replace[b]`` set to ``values``. Uses the clean prefix's KV cache (earlier positions do not
+        depend on the final position's heads) and only the target and foil rows of the LM head."""
         model = self.model
+        decoder = model.hf.get_decoder()
         if pair.prefix_cache is None:
             with torch.no_grad():
-                pair.prefix_cache = model.hf(input_ids=pair.clean[None, :-1].to(model.device), use_cache=True).past_key_values
-        target, foil = pair.ids
+                pair.prefix_cache = decoder(input_ids=pair.clean[None, :-1].to(model.device), use_cache=True).past_key_values
+        unembed = model.hf.get_output_embeddings()
+        rows = torch.tensor([pair.target, pair.foil], device=model.device)
+        softcap = getattr(model.hf.config, "final_logit_softcapping", None)
         lds = []
         for start in range(0, replace.shape[0], self.params.batch_size):
             chunk = replace[start : start + self.params.batch_size]
@@ -349,8 +352,11 @@ class Circuits(Detector):
             ]
             with torch.no_grad(), session(model, (), edits):
                 last = pair.clean[-1:].expand(n, 1).to(model.device)
-                logits = model.hf(input_ids=last, past_key_values=cache, use_cache=True).logits[:, -1].float().cpu()
-            lds.append(logit_difference(logits, target.expand(n), foil.expand(n)))
+                hidden = decoder(input_ids=last, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+                logits = torch.nn.functional.linear(hidden, unembed.weight[rows], None if unembed.bias is None else unembed.bias[rows]).float()
+            if softcap is not None:
+                logits = torch.tanh(logits / softcap) * softcap
+            lds.append((logits[:, 0] - logits[:, 1]).cpu())
         return torch.cat(lds)
 
     def _gradients(self, pair: Pair) -> Float[Tensor, "step layer head d_head"]:
