@@ -77,6 +77,7 @@ REASONING_TOKENS = ReportSchema(
         Column("next_entropy", "float64", "entropy (nats) of the next-token distribution at this position"),
         Column("token_entropy", "float64", "entropy (nats) of the distribution this token was drawn from"),
         Column("source", "string", "'generated' (the model's own answer) or 'given' (response from the probe file)"),
+        Column("sink_keys", "string", "positions the no_sink variant removed for this probe, comma-separated"),
     ),
 )
 
@@ -124,6 +125,7 @@ class Trace:
     source: str
     start: int  # first response position
     tokens: list[str]
+    sinks: list[int]  # keys the no_sink variant removes
     distance: dict[str, Tensor] = field(default_factory=dict)
     waad: dict[str, Tensor] = field(default_factory=dict)
     fai: dict[str, Tensor] = field(default_factory=dict)
@@ -218,7 +220,7 @@ class PreplanAnchor(Detector):
             share = received / (self.model.info.n_layers * self.model.info.n_heads * len(response))
             sinks = torch.unique(torch.cat([sinks, torch.nonzero(share > self.params.sink_eps).flatten()]))
 
-        trace = Trace(str(probe.get("id", f"probe-{index + 1}")), source, start, self.model.token_strings(tokens[start:]))
+        trace = Trace(str(probe.get("id", f"probe-{index + 1}")), source, start, self.model.token_strings(tokens[start:]), sinks.tolist())
         needs, finalize = self._reductions(trace, response, sinks)
         yield ForwardPass(tokens, needs, done=lambda: (finalize(), self.traces.append(trace)))
         if self.excerpt is None:
@@ -356,6 +358,7 @@ class PreplanAnchor(Detector):
             "is_preplan": is_preplan.numpy(), "is_anchor": is_anchor.numpy(), "coupled": coupled.numpy(), "locally_dominated": dominated.numpy(),
             "is_punctuation": [is_punctuation(t) for t in trace.tokens],
             "next_entropy": trace.next_entropy.double().numpy(), "token_entropy": trace.token_entropy.double().numpy(), "source": trace.source,
+            "sink_keys": ",".join(map(str, trace.sinks)),
         })
 
     def _summary(self, variant, tokens: pd.DataFrame, distance, local, global_, first_token) -> list[tuple[str, float, str]]:

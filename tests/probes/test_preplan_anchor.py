@@ -131,7 +131,7 @@ def test_excerpt_and_summary(census_run, reference_outputs):
         assert len(figure.data) > 0
 
 
-def test_generated_responses_are_the_models_own(smollm2, tmp_path):
+def test_generated_responses_are_the_models_own(smollm2, eager_reference, tmp_path):
     result = lens.census(smollm2, ["preplan_anchor"], tmp_path / "store", limit=1,
                          params={"preplan_anchor": {"max_new_tokens": "8", "sink_keys": "detected"}})
     store = lens.ReportStore(tmp_path / "store")
@@ -143,6 +143,13 @@ def test_generated_responses_are_the_models_own(smollm2, tmp_path):
     assert tokens["token"].tolist() == smollm2.token_strings(answer.answer_tokens)
     assert (tokens["source"] == "generated").all() and (tokens["probe_id"] == probe["id"]).all()
     assert result.n_forward_passes == 3  # sink detection, the analysis, the attention excerpt
+    # Detected sinks: keys drawing more than sink_eps (0.05) of the response rows' attention, over every head.
+    with torch.no_grad():
+        attentions = eager_reference(smollm2)(answer.tokens[None], output_attentions=True).attentions
+    start = answer.answer_positions.start
+    share = torch.stack([a[0, :, start:] for a in attentions]).mean(dim=(0, 1, 2))
+    expected = sorted({0, *torch.nonzero(share > 0.05).flatten().tolist()})
+    assert set(tokens["sink_keys"]) == {",".join(map(str, expected))}
 
 
 def test_bad_probe_lines(smollm2, tmp_path):
