@@ -401,7 +401,8 @@ class Circuits(Detector):
         sizes = sorted({0, top_size, *[s for s in SIZE_GRID if s < n_heads]})
         ablate = torch.stack([~top_k(exact, size) for size in sizes]).view(len(sizes), info.n_layers, info.n_heads)
         kept = faithfulness(torch.stack([self._final_token_lds(p, ablate, mean_z) for p in pairs]), ld_clean)
-        faithful_size = smallest_faithful(sizes, kept, self.params.faithfulness_threshold)
+        # Size 0 (everything ablated) is reported as faithfulness_empty, never chosen as a circuit.
+        faithful_size = smallest_faithful(sizes[1:], kept[1:], self.params.faithfulness_threshold)
         if self.params.selection == "faithfulness" and faithful_size is not None:
             size = faithful_size
         else:

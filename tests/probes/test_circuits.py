@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 
+import pandas as pd
 import pytest
 import torch
 
@@ -60,6 +61,12 @@ def test_patching_finds_a_planted_head(tmp_path):
         assert estimate.abs().idxmax() == planted
     tasks = store.read("circuit_tasks", run_id=result.run_id)
     assert tasks.loc[0, "faithfulness"] == pytest.approx(1.0, abs=1e-4)  # the planted head is the whole model
+    assert pd.isna(tasks.loc[0, "repair_accuracy"])  # repair is off by default
+
+    # Repair with scale 1 leaves the planted head as it is: accuracy unchanged.
+    identity = lens.census(model, ["circuits"], tmp_path / "store", probes_file=tmp_path / "p.jsonl", params={"circuits": {"repair_heads": "1", "repair_scale": "1.0"}})
+    repaired = store.read("circuit_tasks", run_id=identity.run_id)
+    assert repaired.loc[0, "repair_accuracy"] == repaired.loc[0, "clean_accuracy"]
 
 
 def eager_patched_ld(reference, clean, corrupt, target, foil, layer, head, d_head):
