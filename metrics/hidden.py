@@ -14,7 +14,8 @@ def position_norms(hidden: Float[Tensor, "pos d_model"]) -> Float[Tensor, " pos"
 def cosine_to_position(hidden: Float[Tensor, "pos d_model"], index: int = 0) -> Float[Tensor, " pos"]:
     """Cosine similarity of every position's hidden state with the state at ``index``."""
     hidden = hidden.float()
-    return torch.nn.functional.cosine_similarity(hidden, hidden[index : index + 1], dim=-1)
+    norms = hidden.norm(dim=-1).clamp_min(1e-12)
+    return (hidden @ hidden[index]) / (norms * norms[index])
 
 
 def top_magnitudes(

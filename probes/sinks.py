@@ -103,7 +103,7 @@ SECONDARY_SINKS = ReportSchema(
         Column("mlp_norm", "float64", "norm of the MLP output at this position in the formation layer (what wrote the sink direction)"),
         Column("mlp_norm_ratio", "float64", "mlp_norm over the median MLP-output norm of the probe's positions in that layer"),
         Column("mean_abs_cos", "float64", "mean |cos| with the first token over the aligned layers"),
-        Column("label", "string", "primary (lifetime >= primary_fraction x layers), noise (<= noise_fraction x layers) or secondary"),
+        Column("label", "string", "later tokens: primary (lifetime >= primary_fraction x layers), noise (<= noise_fraction x layers) or secondary; position 0: primary"),
         Column("is_attention_sink", "bool", "the position is also listed in sink_tokens for this probe (some head, some layer)"),
         Column("active_layers", "string", "the layers where the first-token sink is active, as ranges (e.g. 1-8,11-29)"),
     ),
@@ -322,7 +322,11 @@ class Sinks(Detector):
                     "mlp_norm": mlp_norm.double().numpy(),
                     "mlp_norm_ratio": (mlp_norm / mlp_median).double().numpy(),
                     "mean_abs_cos": mean_cos.double().numpy(),
-                    "label": [lifetime_label(int(n), n_layers, p.noise_fraction, p.primary_fraction) for n in lifetime[found]],
+                    # The first token is the primary sink by definition; later tokens are labelled by lifetime.
+                    "label": [
+                        "primary" if i == 0 else lifetime_label(int(n), n_layers, p.noise_fraction, p.primary_fraction)
+                        for i, n in zip(found.tolist(), lifetime[found].tolist())
+                    ],
                     "is_attention_sink": [i in sink_positions for i in found.tolist()],
                     "active_layers": layer_ranges(active.nonzero().flatten().tolist()),
                 }
