@@ -97,15 +97,19 @@ SECONDARY_SINKS = ReportSchema(
         PROBE,
         POSITION,
         TOKEN,
-        Column("formation_layer", "int64", "first layer where |cos(h[position], h[0])| > cos_threshold within the active layers"),
+        Column("formation_layer", "int64", "first layer where abs(cos(h[position], h[0])) > cos_threshold (0.9) within the active layers"),
         Column("last_layer", "int64", "last such layer"),
         Column("lifetime", "int64", "number of such layers (the first token: the number of active layers)"),
         Column("mlp_norm", "float64", "norm of the MLP output at this position in the formation layer (what wrote the sink direction)"),
         Column("mlp_norm_ratio", "float64", "mlp_norm over the median MLP-output norm of the probe's positions in that layer"),
-        Column("mean_abs_cos", "float64", "mean |cos| with the first token over the aligned layers"),
+        Column("mean_abs_cos", "float64", "mean abs(cos) with the first token over the aligned layers"),
         Column("label", "string", "later tokens: primary (lifetime >= primary_fraction x layers), noise (<= noise_fraction x layers) or secondary; position 0: primary"),
         Column("is_attention_sink", "bool", "the position is also listed in sink_tokens for this probe (some head, some layer)"),
-        Column("active_layers", "string", "the layers where the first-token sink is active, as ranges (e.g. 1-8,11-29)"),
+        Column(
+            "active_layers",
+            "string",
+            "layers where the first-token sink is active (its hidden-state norm > norm_ratio (2) x the median position norm), as ranges, e.g. 1-8,11-29",
+        ),
     ),
 )
 
@@ -121,8 +125,8 @@ MASSIVE_ACTIVATIONS = ReportSchema(
         Column("channel", "int64", "residual-stream dimension"),
         Column("value", "float64", "the entry (signed)"),
         Column("median", "float64", "median magnitude of all entries of the layer for this probe"),
-        Column("ratio", "float64", "|value| / median"),
-        Column("is_massive", "bool", "|value| > massive_value (100) and ratio > massive_ratio (1000)"),
+        Column("ratio", "float64", "abs(value) / median"),
+        Column("is_massive", "bool", "abs(value) > massive_value (100) and ratio > massive_ratio (1000)"),
         Column("on_sink_token", "bool", "the position is a sink token of this probe (listed in sink_tokens, any head and layer)"),
         Column("on_first_token", "bool", "the position is 0"),
     ),
@@ -464,7 +468,8 @@ def calibrate_sinks(
     Returns the ``sink_calibration`` rows (nothing is written to a store).
     """
     detector = Sinks(model, SinkParams(**params), seed=seed)
-    detector.metric, detector.calibration_heads = metric, heads
+    detector.metric = metric
+    detector.calibration_heads = None if heads is None else {tuple(head) for head in heads}
     for index, probe in enumerate(probes):
         probe = {"text": probe} if isinstance(probe, str) else probe
         for forward in detector.passes(detector.check_probe(probe, f"probe {index + 1}"), index):
