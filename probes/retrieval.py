@@ -123,9 +123,11 @@ class RetrievalParams(Params):
     threshold: float = RETRIEVAL_THRESHOLD
     recall_threshold: float = RECALL_THRESHOLD
     scoring: str = "teacher_forced"  # or "decode"
+    # The causal test re-decodes ablation_probes prompts (the shortest of the run) once per masked
+    # condition: len(ks without 0) x (1 + draws) answers each. Defaults sized for the CPU budget.
     ablation_ks: list[int] = field(default_factory=lambda: [0, 5, 10, 20, 30])
-    ablation_draws: int = 3
-    ablation_probes: int = 3  # the shortest prompts of the run
+    ablation_draws: int = 2
+    ablation_probes: int = 2
     mask: str = "query"  # or "output"
     mask_prompt: bool = False
 

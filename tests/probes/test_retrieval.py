@@ -14,13 +14,13 @@ from metrics.retrieval import copy_hits, retrieval_credit, unigram_recall
 from probes import ProbeError
 from probes.retrieval import Retrieval, RetrievalParams, ablation_heads, decode_time_scores
 
-SHORT = {"lengths": "[300]", "depths": "[0.3, 0.9]", "ablation_ks": "[0, 5]", "ablation_draws": "1", "ablation_probes": "1"}
+SHORT = {"lengths": "[200]", "depths": "[0.3, 0.9]", "ablation_ks": "[0, 5]", "ablation_draws": "1", "ablation_probes": "1"}
 
 
 @pytest.fixture(scope="module")
 def short_census(smollm2, tmp_path_factory):
     """A census over two built-in-style probes written to a probe file (the --probes-file path)."""
-    detector = Retrieval(smollm2, RetrievalParams(lengths=[300], depths=[0.3, 0.9]))
+    detector = Retrieval(smollm2, RetrievalParams(lengths=[200], depths=[0.3, 0.9]))
     probes = detector.builtin_probes()
     path = tmp_path_factory.mktemp("retrieval") / "probes.jsonl"
     path.write_text("".join(json.dumps({"prompt": p["prompt"], "needle": p["needle"]}) + "\n" for p in probes))
