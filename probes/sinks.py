@@ -243,7 +243,7 @@ class Sinks(Detector):
 
         if not calibrate or not targets:
             return
-        before = float(self.metric(logits[0], tokens))
+        before = float(self.metric(logits.pop(), tokens))  # [pos, vocab] logits are large: keep only the number
         calibrated: list[Tensor] = []
 
         def done_calibrated() -> None:
