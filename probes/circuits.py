@@ -120,7 +120,7 @@ SIZE_GRID = (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60, 80, 100, 1
 
 @dataclass
 class CircuitParams(Params):
-    pairs_per_task: int = 8
+    pairs_per_task: int = 6  # x 4 tasks: the default census's budget (~150 s on an idle 2-core CPU)
     top_percent: float = 2.0
     selection: str = "top_percent"  # or "faithfulness"
     faithfulness_threshold: float = 0.8
