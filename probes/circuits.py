@@ -295,6 +295,8 @@ class Circuits(Detector):
         clean, corrupt = self.tokens(probe["clean"]), self.tokens(probe["corrupt"])
         if len(clean) != len(corrupt):
             raise ProbeError(f"{where}: clean has {len(clean)} tokens but corrupt has {len(corrupt)}; patching needs equal lengths")
+        if bool((clean == corrupt).all()):
+            raise ProbeError(f"{where}: clean and corrupt are the same tokens; nothing to patch")
         if len(clean) < 2:
             raise ProbeError(f"{where}: clean prompt has {len(clean)} token(s); at least 2 are needed")
         if self._answer_id(probe["target"]) == self._answer_id(probe["foil"]):

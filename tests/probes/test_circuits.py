@@ -136,6 +136,8 @@ def test_unequal_lengths_name_the_line(tiny_llama, tmp_path):
     path = write_probes(tmp_path / "p.jsonl", [good, bad])
     with pytest.raises(ProbeError, match=r"p\.jsonl:2: clean has \d+ tokens but corrupt has \d+"):
         lens.census(tiny_llama, ["circuits"], tmp_path / "store", probes_file=path)
+    with pytest.raises(ProbeError, match=r"p\.jsonl:1: clean and corrupt are the same tokens"):
+        lens.census(tiny_llama, ["circuits"], tmp_path / "store", probes_file=write_probes(tmp_path / "p.jsonl", [dict(good, corrupt=good["clean"])]))
     same = dict(good, foil=" Mary")
     with pytest.raises(ProbeError, match=r"p\.jsonl:1: target"):
         lens.census(tiny_llama, ["circuits"], tmp_path / "store", probes_file=write_probes(tmp_path / "p.jsonl", [same]))
