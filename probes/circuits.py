@@ -288,7 +288,9 @@ class Circuits(Detector):
     # -- probes -------------------------------------------------------------------------------------
     def builtin_probes(self) -> list[dict]:
         tasks = [t for t in self.params.tasks.split(",") if t]
-        return [p for task in tasks for p in generate_pairs(self.model.tokenizer, task, self.params.pairs_per_task, self.rng)]
+        per_task = [generate_pairs(self.model.tokenizer, task, self.params.pairs_per_task, self.rng) for task in tasks]
+        # Round-robin over tasks, so that ``--limit N`` keeps several tasks (an overlap needs two).
+        return [pair for group in zip(*per_task) for pair in group]
 
     def check_probe(self, probe, where):
         probe = super().check_probe(probe, where)

@@ -13,7 +13,7 @@ import torch
 import lens
 from metrics.circuits import logit_difference
 from probes import ProbeError
-from probes.circuits import generate_pairs
+from probes.circuits import CircuitParams, Circuits, generate_pairs
 
 
 def write_probes(path, probes):
@@ -30,6 +30,9 @@ def test_builtin_tasks_are_well_formed(smollm2):
             assert (clean != corrupt).any(), pair
             target, foil = smollm2.tokenize(pair["target"]), smollm2.tokenize(pair["foil"])
             assert len(target) == len(foil) == 1 and target != foil, pair
+    builtin = Circuits(smollm2, CircuitParams(pairs_per_task=2)).builtin_probes()
+    assert [p["task"] for p in builtin[:4]] == ["ioi", "colored_objects", "capitals", "induction"]  # --limit keeps a mix
+    assert len(builtin) == 8
     ioi = generate_pairs(tokenizer, "ioi", 5, random.Random(2))
     for pair in ioi:  # ABC: the corrupted prompt names neither the target nor the foil
         assert pair["target"].strip() not in pair["corrupt"] and pair["foil"].strip() not in pair["corrupt"]
