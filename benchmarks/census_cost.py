@@ -48,7 +48,7 @@ def _text_of_tokens(model, n_tokens: int) -> str:
     return text
 
 
-def child(mode: str, detectors: str, n_tokens: int, model_name: str, device: str) -> dict:
+def child(mode: str, detectors: str, n_tokens: int, model_name: str, device: str, params: dict) -> dict:
     import torch
 
     import lens
@@ -71,7 +71,9 @@ def child(mode: str, detectors: str, n_tokens: int, model_name: str, device: str
             probe_file = os.path.join(tmp, "probe.jsonl")
             with open(probe_file, "w") as handle:
                 handle.write(json.dumps({"text": model.tokenizer.decode(tokens)}) + "\n")
-            lens.census(model, detectors.split(","), os.path.join(tmp, "store"), probes_file=probe_file)
+            chosen = detectors.split(",")
+            lens.census(model, chosen, os.path.join(tmp, "store"), probes_file=probe_file,
+                        params={name: values for name, values in params.items() if name in chosen})
     else:
         raise ValueError(mode)
     if device.startswith("cuda"):
@@ -83,8 +85,9 @@ def child(mode: str, detectors: str, n_tokens: int, model_name: str, device: str
     return result
 
 
-def _measure(mode: str, detectors: str, n_tokens: int, model: str, device: str) -> dict | None:
+def _measure(mode: str, detectors: str, n_tokens: int, model: str, device: str, params: list[str]) -> dict | None:
     command = [sys.executable, __file__, "--child", mode, "--detectors", detectors, "--lengths", str(n_tokens), "--model", model, "--device", device]
+    command += [arg for param in params for arg in ("--param", param)]
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
         print(f"  {mode} {detectors} {n_tokens}: failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}", file=sys.stderr)
@@ -99,26 +102,29 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--memory-gb", type=float, default=20.0, help="skip tl runs whose cache would exceed this")
+    parser.add_argument("--param", action="append", default=[], metavar="DETECTOR.NAME=VALUE", help="detector parameter for the census runs")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.detectors, int(args.lengths), args.model, args.device)))
+        from lens._cli import _parse_param_flags
+
+        print(json.dumps(child(args.child, args.detectors, int(args.lengths), args.model, args.device, _parse_param_flags(args.param))))
         return
 
     detector_sets = args.detectors.split(",") + ([args.detectors] if "," in args.detectors else [])
     rows = []
     for n_tokens in [int(n) for n in args.lengths.split(",")]:
-        bare = _measure("bare", "", n_tokens, args.model, args.device)
+        bare = _measure("bare", "", n_tokens, args.model, args.device, [])
         rows.append(("bare", "-", n_tokens, bare, bare))
         tl_gb = _TL_BYTES_PER_TOKEN2 * n_tokens**2 / 1024**3
         if tl_gb < args.memory_gb:
-            rows.append(("tl full cache", "sinks", n_tokens, _measure("tl", "sinks", n_tokens, args.model, args.device), bare))
+            rows.append(("tl full cache", "sinks", n_tokens, _measure("tl", "sinks", n_tokens, args.model, args.device, []), bare))
         else:
             rows.append(("tl full cache", f"skipped: needs ~{tl_gb:.0f} GB", n_tokens, None, bare))
         for detectors in detector_sets:
-            rows.append(("lens census", detectors, n_tokens, _measure("census", detectors, n_tokens, args.model, args.device), bare))
+            rows.append(("lens census", detectors, n_tokens, _measure("census", detectors, n_tokens, args.model, args.device, args.param), bare))
 
-    print(f"\nmodel {args.model}, device {args.device}; ratios are against the bare SDPA forward at the same length\n")
+    print(f"\nmodel {args.model}, device {args.device}, census params {args.param or 'defaults'}; ratios are against the bare SDPA forward at the same length\n")
     print(f"| run | detectors | tokens | seconds | peak RSS GB | time ratio | memory ratio |")
     print(f"|---|---|---|---|---|---|---|")
     for mode, detectors, n_tokens, result, bare in rows:
