@@ -110,3 +110,25 @@ def test_logit_chunks_stream_every_position(smollm2, eager_reference):
     with torch.no_grad():
         reference = eager_reference(smollm2)(tokens[None]).logits[0]
     torch.testing.assert_close(torch.cat(chunks), reference, atol=2e-4, rtol=0)
+
+
+def test_gemma3_sliding_window_layers_equal_eager_attention(eager_reference):
+    """Gemma 3 interleaves sliding-window (512) and global layers: the prompt is longer than the window."""
+    gemma = lens.load("gemma3-270m")
+    tokens = gemma.tokenize(" ".join(f"item{i} is number {i}." for i in range(120)), prepend_bos=True)
+    assert len(tokens) > 2 * gemma.hf.config.sliding_window
+    layers = [gemma.info.layer_types.index("sliding_attention"), gemma.info.layer_types.index("full_attention")]
+    rows = {}
+
+    def consume(block: lens.AttentionBlock) -> None:
+        if block.layer in layers:
+            full = rows.setdefault(block.layer, torch.zeros(gemma.info.n_heads, len(tokens), len(tokens)))
+            full[:, block.positions, : block.n_keys] = block.probs[0]
+
+    # Every layer blockwise, as eager does: with SDPA upstream, later layers' inputs differ by ~1e-5.
+    lens.capture(gemma, tokens, [lens.AttentionRows(consume)])
+    assert sorted(rows) == sorted(layers)
+    expected = _eager_attentions(eager_reference(gemma), tokens)
+    for layer in layers:
+        torch.testing.assert_close(rows[layer], expected[layer][0], atol=1e-5, rtol=0)
+    assert rows[layers[0]][:, -1, :-600].abs().max() == 0, "a sliding-window layer must not see past its window"
