@@ -28,6 +28,9 @@ ACTIVE_SESSION: ContextVar[CaptureSession | None] = ContextVar("lens_capture_ses
 
 # Elements of one block of attention scores (batch x heads x rows x keys); 2**23 floats = 32 MiB.
 DEFAULT_BLOCK_ELEMENTS = 2**23
+# Query rows per block when the element budget allows more: blocks of a few MiB stay in cache through
+# the softmax and the consumers, which is faster than fewer, larger blocks (benchmarks/attention_blocks.py).
+ROWS_PER_BLOCK = 64
 
 
 def register_attention() -> None:
@@ -65,6 +68,23 @@ def visible_keys(
     return allowed
 
 
+def attention_scores(
+    query_rows: Float[Tensor, "batch head row d_head"],
+    key: Float[Tensor, "batch kv_head key d_head"],
+    scaling: float,
+    softcap: float | None = None,
+) -> Float[Tensor, "batch head row key"]:
+    """Scaled query-key scores in float32, grouped-query aware without repeating keys."""
+    batch, n_heads, n_rows, d_head = query_rows.shape
+    n_kv = key.shape[1]
+    # Scaling the few query rows rather than the many scores saves a pass over the block.
+    grouped = (query_rows.float() * scaling).reshape(batch, n_kv, (n_heads // n_kv) * n_rows, d_head)
+    scores = torch.matmul(grouped, key.float().transpose(-1, -2)).view(batch, n_heads, n_rows, -1)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    return scores
+
+
 def attention_probs(
     query_rows: Float[Tensor, "batch head row d_head"],
     key: Float[Tensor, "batch kv_head key d_head"],
@@ -72,19 +92,30 @@ def attention_probs(
     scaling: float,
     softcap: float | None = None,
 ) -> Float[Tensor, "batch head row key"]:
-    """Softmax attention of some query rows, in float32, grouped-query aware without repeating keys."""
-    batch, n_heads, n_rows, d_head = query_rows.shape
-    n_kv = key.shape[1]
-    grouped = query_rows.float().reshape(batch, n_kv, (n_heads // n_kv) * n_rows, d_head)
-    scores = torch.matmul(grouped, key.float().transpose(-1, -2)).view(batch, n_heads, n_rows, -1) * scaling
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    """Softmax attention of some query rows under a key mask, in float32."""
+    scores = attention_scores(query_rows, key, scaling, softcap)
+    return torch.softmax(scores.masked_fill_(~allowed, float("-inf")), dim=-1)
+
+
+def causal_block_probs(
+    query_rows: Float[Tensor, "batch head row d_head"],
+    key: Float[Tensor, "batch kv_head key d_head"],
+    first_position: int,
+    scaling: float,
+    softcap: float | None = None,
+) -> Float[Tensor, "batch head row key"]:
+    """``attention_probs`` for consecutive rows from ``first_position`` under a purely causal mask,
+    with keys up to the block's last row. Only the block's diagonal square holds masked keys, so
+    only it is masked: the rest of the block is visible to every row."""
+    n_rows = query_rows.shape[2]
+    scores = attention_scores(query_rows, key, scaling, softcap)
+    above_diagonal = torch.ones(n_rows, n_rows, dtype=torch.bool, device=scores.device).triu_(1)
+    scores[..., first_position : first_position + n_rows].masked_fill_(above_diagonal, float("-inf"))
     return torch.softmax(scores, dim=-1)
 
 
-def _row_blocks(rows: Int[Tensor, " row"], rows_per_block: int):
-    for start in range(0, rows.numel(), rows_per_block):
+def _row_blocks(rows: list[int], rows_per_block: int):
+    for start in range(0, len(rows), rows_per_block):
         yield rows[start : start + rows_per_block]
 
 
@@ -107,31 +138,35 @@ def session_attention(session: CaptureSession | None, module, query, key, value,
     prob_edits = [edit for edit in edits if edit.edits_probs]
     every_row = any(c.positions is None for c in consumers)
     blockwise = every_row or bool(prob_edits) or softcap is not None
-    rows_per_block = max(1, session.block_elements // max(1, batch * n_heads * kv_len))
+    rows_per_block = max(1, min(ROWS_PER_BLOCK, session.block_elements // max(1, batch * n_heads * kv_len)))
 
     if blockwise:
-        rows = torch.arange(q_len, device=query.device)
+        rows = list(range(q_len))
         out = query.new_empty(batch, n_heads, q_len, value.shape[-1])
     else:
         wanted = sorted({p for c in consumers for p in c.positions})
-        rows = torch.as_tensor([p - offset if p >= 0 else q_len + p for p in wanted], dtype=torch.long, device=query.device)
-        rows = rows[(rows >= 0) & (rows < q_len)]
+        rows = [p - offset if p >= 0 else q_len + p for p in wanted]
+        rows = [row for row in rows if 0 <= row < q_len]
         out = None
 
     n_kv = key.shape[1]
-    for block in _row_blocks(rows, rows_per_block):
-        block_positions = positions[block]
-        # Causal: no row of this block sees a key past its last position.
-        n_keys = int(block_positions.max()) + 1
-        allowed = visible_keys(block_positions, n_keys, attention_mask, block)
-        probs = attention_probs(query[:, :, block], key[:, :, :n_keys], allowed, scaling, softcap)
+    for block_rows in _row_blocks(rows, rows_per_block):
+        # Rows and positions stay Python ints, so no block waits on the device.
+        block = torch.tensor(block_rows, device=query.device)
+        block_positions = block + offset
+        n_keys = offset + block_rows[-1] + 1  # causal: no row of this block sees a key past its last position
+        if blockwise and attention_mask is None:  # consecutive rows, purely causal
+            probs = causal_block_probs(query[:, :, block_rows[0] : block_rows[-1] + 1], key[:, :, :n_keys], offset + block_rows[0], scaling, softcap)
+        else:
+            allowed = visible_keys(block_positions, n_keys, attention_mask, block)
+            probs = attention_probs(query[:, :, block], key[:, :, :n_keys], allowed, scaling, softcap)
         for edit in prob_edits:
             probs = edit.edit_probs(probs, block_positions)
         for consumer in consumers:
-            consumer.offer(layer, block_positions, probs)
+            consumer.offer(layer, [offset + row for row in block_rows], probs)
         if out is not None:
             grouped = probs.reshape(batch, n_kv, -1, n_keys).to(value.dtype)
-            out[:, :, block] = torch.matmul(grouped, value[:, :, :n_keys]).view(batch, n_heads, block.numel(), -1)
+            out[:, :, block_rows[0] : block_rows[-1] + 1] = torch.matmul(grouped, value[:, :, :n_keys]).view(batch, n_heads, len(block_rows), -1)
 
     if out is None:
         attn_output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling)

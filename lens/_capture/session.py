@@ -22,14 +22,14 @@ class _RowsConsumer:
     need: AttentionRows
     positions: set[int] | None  # resolved to absolute positions; None = all
 
-    def offer(self, layer: int, positions: Int[Tensor, " row"], probs: Float[Tensor, "batch head row key"]) -> None:
+    def offer(self, layer: int, positions: list[int], probs: Float[Tensor, "batch head row key"]) -> None:
         if self.positions is not None:
-            keep = torch.as_tensor([int(p) in self.positions for p in positions], device=positions.device)
-            if not bool(keep.any()):
+            keep = [i for i, position in enumerate(positions) if position in self.positions]
+            if not keep:
                 return
-            if not bool(keep.all()):
-                positions, probs = positions[keep], probs[:, :, keep]
-        self.need.consume(AttentionBlock(layer, positions, probs))
+            if len(keep) < len(positions):
+                positions, probs = [positions[i] for i in keep], probs[:, :, keep]
+        self.need.consume(AttentionBlock(layer, torch.tensor(positions, device=probs.device), probs))
 
 
 @dataclass
