@@ -1,19 +1,31 @@
-"""Time and peak memory of a census against a bare SDPA forward pass, as ratios.
+"""Time and peak memory of a census against bare SDPA forward passes over the same tokens, as ratios.
 
-Each measurement runs in its own process (peak RSS is per process), on prompts of exactly N tokens:
+For every length and every detector (each alone, then all of them in one census), three runs, each
+in its own process (peak RSS is per process):
 
-- ``bare``: transformers with SDPA attention, one forward pass (``use_cache=False``), all logits;
-- ``tl``: TransformerLens ``run_with_cache`` of everything, then straightforward detector code on the
-  cached patterns (what a user would write today); skipped where its cache cannot fit in memory;
-- ``census``: ``lens.census`` with the detector(s) on a one-probe file of N tokens.
+- ``lens census``: ``lens.census`` on one probe of N tokens per detector: the detector's first
+  built-in probe, lengthened to N tokens (answer tokens included) by a neutral text before its
+  context (``Detector.with_prefix``). Every decoder call it makes is recorded (batch, new tokens,
+  cached tokens, gradients, LM-head rows);
+- ``bare``: the same decoder calls replayed with plain transformers SDPA attention and no capture:
+  the same forward passes, generation steps, KV-cache reuse and backward passes, over random tokens.
+  This is the baseline of the ratios, so a detector that generates or ablates is charged only for
+  what capture adds, not for the experiment it runs;
+- ``tl full cache``: TransformerLens ``run_with_cache`` of everything over the N-token probe, then
+  straightforward code for each detector's headline statistic on the cached patterns. It is one
+  forward pass with no generation, so it is a lower bound on a TransformerLens script; skipped where
+  its cache cannot fit (``--memory-gb``).
 
-Usage: ``python benchmarks/census_cost.py [--lengths 512,2048,8192] [--detectors sinks] [--model smollm2-135m]``
-Prints a table of seconds, peak RSS and ratios against ``bare`` at the same length.
+Usage: ``python benchmarks/census_cost.py [--lengths 512,2048,8192] [--detectors sinks,retrieval]
+[--param sinks.calibrate=false] [--device cuda] [--context 32768]``.
+Prints one markdown table with seconds, peak memory (RSS; on CUDA also device memory) and ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
 import json
 import os
 import subprocess
@@ -21,8 +33,8 @@ import sys
 import tempfile
 import time
 
-# Bytes per token^2 of a TransformerLens full cache on SmolLM2 (patterns and scores of 30 layers x 9 heads,
-# float32), used to skip runs that cannot fit: 2 tensors x 270 heads x 4 bytes.
+# float32 bytes per token^2 of a TransformerLens full cache of SmolLM2 (hook_attn_scores and
+# hook_pattern of 30 layers x 9 heads), used to skip runs that cannot fit.
 _TL_BYTES_PER_TOKEN2 = 2 * 270 * 4
 
 
@@ -34,8 +46,14 @@ def _peak_rss_gb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+def _reset_peak_rss() -> None:
+    """Start the peak-RSS count afresh (Linux: writing 5 to clear_refs resets VmHWM)."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
 def _text_of_tokens(model, n_tokens: int) -> str:
-    """A text that tokenizes to exactly ``n_tokens`` (built-in sinks probes, repeated)."""
+    """A neutral text of about ``n_tokens`` tokens (the built-in sinks probes, repeated)."""
     from probes._base import builtin_probe_file
 
     corpus = "\n\n".join(p["text"] for p in builtin_probe_file("sinks.jsonl"))
@@ -48,49 +66,173 @@ def _text_of_tokens(model, n_tokens: int) -> str:
     return text
 
 
-def child(mode: str, detectors: str, n_tokens: int, model_name: str, device: str, params: dict) -> dict:
+def probe_of_length(detector, n_tokens: int) -> dict:
+    """The detector's first built-in probe, lengthened to about ``n_tokens`` including its answer."""
+    probe = detector.builtin_probes()[0]
+    used = len(detector.tokens(probe[detector.prompt_field])) + detector.extra_tokens()
+    if used >= n_tokens:
+        return probe
+    return detector.with_prefix(probe, _text_of_tokens(detector.model, n_tokens - used - 2) + "\n\n")
+
+
+class DecoderTrace:
+    """Records every call of the model's decoder and LM head while active."""
+
+    def __init__(self, model):
+        self.calls: list[dict] = []
+        decoder, head = model.hf.get_decoder(), model.hf.get_output_embeddings()
+        self._handles = [
+            decoder.register_forward_pre_hook(self._decoder_call, with_kwargs=True),
+            head.register_forward_hook(self._head_call),
+        ]
+
+    def _decoder_call(self, _module, args, kwargs):
+        import torch
+
+        inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        if inputs is None:
+            inputs = args[0]
+        past = kwargs.get("past_key_values")
+        self.calls.append(
+            {
+                "batch": int(inputs.shape[0]),
+                "new": int(inputs.shape[1]),
+                "past": int(past.get_seq_length()) if past is not None else 0,
+                "use_cache": bool(kwargs.get("use_cache", past is not None)),
+                "grad": torch.is_grad_enabled(),
+                "head_rows": 0,
+            }
+        )
+
+    def _head_call(self, _module, inputs, _output):
+        if self.calls:
+            self.calls[-1]["head_rows"] += int(inputs[0].shape[-2])
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def replay(model, calls: list[dict]) -> None:
+    """The traced decoder calls with plain SDPA attention over random tokens, no capture."""
+    import torch
+    from transformers import DynamicCache
+
+    model.hf.config._attn_implementation = "sdpa"
+    decoder, head, embedding = model.hf.get_decoder(), model.hf.get_output_embeddings(), model.hf.get_input_embeddings()
+    generator = torch.Generator().manual_seed(0)
+    cache = None
+    for call in calls:
+        ids = torch.randint(0, model.tokenizer.vocab_size, (call["batch"], call["new"]), generator=generator).to(model.device)
+        past = None
+        if call["past"]:
+            if cache is None or cache.get_seq_length() < call["past"]:
+                prefix = torch.randint(0, model.tokenizer.vocab_size, (1, call["past"]), generator=generator).to(model.device)
+                with torch.no_grad():
+                    cache = decoder(input_ids=prefix, use_cache=True).past_key_values
+            if cache.get_seq_length() > call["past"]:
+                cache.crop(call["past"] - cache.get_seq_length())  # a negative count drops that many tokens
+            if cache.layers[0].keys.shape[0] != call["batch"]:
+                cache.batch_select_indices(torch.zeros(call["batch"], dtype=torch.long, device=model.device))
+            past = cache
+        elif call["use_cache"]:
+            past = DynamicCache(config=model.hf.config)
+        with torch.set_grad_enabled(call["grad"]):
+            embeds = embedding(ids)
+            if call["grad"]:
+                embeds = embeds.detach().requires_grad_()
+            out = decoder(inputs_embeds=embeds, past_key_values=past, use_cache=call["use_cache"])
+            rows = min(call["head_rows"], call["new"])
+            logits = head(out.last_hidden_state[:, -rows:]) if rows else out.last_hidden_state[:, -1:]
+            if call["grad"]:
+                logits.float().sum().backward()
+        cache = out.past_key_values if call["use_cache"] else cache
+        del out, logits, embeds  # free this call's graph before the next call
+
+
+def tl_statistics(model, cache, detector: str, n_tokens: int):
+    """Straightforward code on a TransformerLens full cache: each detector's headline head statistic."""
+    import torch
+
+    patterns = [cache[f"blocks.{layer}.attn.hook_pattern"][0] for layer in range(model.info.n_layers)]  # head query key
+    if detector == "sinks":  # first-token attention, mean over queries
+        return torch.stack([p[:, :, 0].mean(-1) for p in patterns])
+    if detector == "retrieval":  # answer rows' attention argmax over the context
+        return torch.stack([p[:, -50:].argmax(-1).float().mean(-1) for p in patterns])
+    if detector == "preplan_anchor":  # mean attention distance
+        distance = (torch.arange(n_tokens)[:, None] - torch.arange(n_tokens)[None, :]).clamp_min(0).float()
+        return torch.stack([(p * distance).sum(-1).mean(-1) for p in patterns])
+    if detector == "contextual":  # last row's mass on the middle third of the context
+        return torch.stack([p[:, -1, n_tokens // 3 : 2 * n_tokens // 3].sum(-1) for p in patterns])
+    if detector == "circuits":  # final-position head outputs
+        return torch.stack([cache[f"blocks.{layer}.attn.hook_z"][0, -1].norm(dim=-1) for layer in range(model.info.n_layers)])
+    raise ValueError(detector)
+
+
+def child(mode: str, detectors: list[str], n_tokens: int, args) -> dict:
     import torch
 
     import lens
+    import probes
+    from lens._census import parse_params
+    from lens._cli import _parse_param_flags
 
-    torch.set_grad_enabled(False)
-    model = lens.load(model_name, device=device)
-    tokens = model.tokenize(_text_of_tokens(model, n_tokens))
-    baseline_gb = _peak_rss_gb()
+    model = lens.load(args.model, device=args.device)
+    if args.context and args.context > model.info.n_ctx:
+        # Cost measurement only: outputs past the trained context are not meaningful.
+        model.info = dataclasses.replace(model.info, n_ctx=args.context)
+    params = _parse_param_flags(args.param)
+    instances = {name: probes.get(name)(model, parse_params(probes.get(name), params.get(name, {}))) for name in detectors}
+    probe_sets = {name: [probe_of_length(detector, n_tokens)] for name, detector in instances.items()}
+    calls: list[dict] = []
+    if mode == "bare":
+        with open(args.trace) as handle:
+            calls = json.load(handle)
+    if mode == "tl":
+        # A TransformerLens user holds the bridge alone: drop the transformers copy before measuring.
+        bridge, model.hf = model.bridge, None
+        gc.collect()
+    load_gb = _peak_rss_gb()
+    _reset_peak_rss()
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     if mode == "bare":
-        model.hf.config._attn_implementation = "sdpa"
-        model.hf(input_ids=tokens[None].to(device), use_cache=False)
+        replay(model, calls)
     elif mode == "tl":
-        _, cache = model.bridge.run_with_cache(tokens[None].to(device))
-        # Straightforward detector code on the full cache: first-token importance of every head.
-        scores = torch.stack([cache[f"blocks.{layer}.attn.hook_pattern"][0, :, :, 0].mean(-1) for layer in range(model.info.n_layers)])
-        assert scores.shape == (model.info.n_layers, model.info.n_heads)
+        text = probe_sets[detectors[0]][0][instances[detectors[0]].prompt_field]
+        tokens = model.tokenize(text)[:n_tokens]
+        with torch.no_grad():
+            _, cache = bridge.run_with_cache(tokens[None].to(args.device))
+            for name in detectors:
+                tl_statistics(model, cache, name, len(tokens))
     elif mode == "census":
+        trace = DecoderTrace(model)
         with tempfile.TemporaryDirectory() as tmp:
-            probe_file = os.path.join(tmp, "probe.jsonl")
-            with open(probe_file, "w") as handle:
-                handle.write(json.dumps({"text": model.tokenizer.decode(tokens)}) + "\n")
-            chosen = detectors.split(",")
-            lens.census(model, chosen, os.path.join(tmp, "store"), probes_file=probe_file,
-                        params={name: values for name, values in params.items() if name in chosen})
-    else:
-        raise ValueError(mode)
-    if device.startswith("cuda"):
+            lens.census(model, detectors, os.path.join(tmp, "store"), probes=probe_sets, params={n: v for n, v in params.items() if n in detectors})
+        trace.remove()
+        with open(args.trace, "w") as handle:
+            json.dump(trace.calls, handle)
+    if args.device.startswith("cuda"):
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
-    result = {"seconds": seconds, "peak_rss_gb": _peak_rss_gb(), "load_rss_gb": baseline_gb}
-    if device.startswith("cuda"):
+    result = {"seconds": time.perf_counter() - started, "peak_rss_gb": _peak_rss_gb(), "rss_before_gb": load_gb}
+    if args.device.startswith("cuda"):
         result["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 1024**3
+    if mode == "census":
+        result["decoder_calls"] = len(trace.calls)
+        result["tokens_processed"] = sum(c["batch"] * c["new"] for c in trace.calls)
     return result
 
 
-def _measure(mode: str, detectors: str, n_tokens: int, model: str, device: str, params: list[str]) -> dict | None:
-    command = [sys.executable, __file__, "--child", mode, "--detectors", detectors, "--lengths", str(n_tokens), "--model", model, "--device", device]
-    command += [arg for param in params for arg in ("--param", param)]
+def _measure(mode: str, detectors: str, n_tokens: int, args, trace: str) -> dict | None:
+    command = [sys.executable, __file__, "--child", mode, "--detectors", detectors, "--lengths", str(n_tokens), "--model", args.model,
+               "--device", args.device, "--trace", trace, "--context", str(args.context or 0)]
+    command += [arg for param in args.param for arg in ("--param", param)]
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
-        print(f"  {mode} {detectors} {n_tokens}: failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}", file=sys.stderr)
+        lines = proc.stderr.strip().splitlines()
+        print(f"  {mode} {detectors} {n_tokens}: failed: {lines[-1] if lines else proc.returncode}", file=sys.stderr)
         return None
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -98,42 +240,57 @@ def _measure(mode: str, detectors: str, n_tokens: int, model: str, device: str, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="512,2048,8192")
-    parser.add_argument("--detectors", default="sinks", help="comma-separated; each alone, then all together when several")
+    parser.add_argument("--detectors", default="sinks,retrieval,preplan_anchor,contextual,circuits", help="comma-separated; each alone, then all together")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--context", type=int, default=0, help="allow lengths past the model's context (cost only)")
     parser.add_argument("--memory-gb", type=float, default=20.0, help="skip tl runs whose cache would exceed this")
+    parser.add_argument("--no-tl", action="store_true", help="skip the TransformerLens runs")
     parser.add_argument("--param", action="append", default=[], metavar="DETECTOR.NAME=VALUE", help="detector parameter for the census runs")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--trace", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        from lens._cli import _parse_param_flags
-
-        print(json.dumps(child(args.child, args.detectors, int(args.lengths), args.model, args.device, _parse_param_flags(args.param))))
+        print(json.dumps(child(args.child, args.detectors.split(","), int(args.lengths), args)))
         return
 
-    detector_sets = args.detectors.split(",") + ([args.detectors] if "," in args.detectors else [])
+    names = args.detectors.split(",")
+    detector_sets = names + ([args.detectors] if len(names) > 1 else [])
     rows = []
-    for n_tokens in [int(n) for n in args.lengths.split(",")]:
-        bare = _measure("bare", "", n_tokens, args.model, args.device, [])
-        rows.append(("bare", "-", n_tokens, bare, bare))
-        tl_gb = _TL_BYTES_PER_TOKEN2 * n_tokens**2 / 1024**3
-        if tl_gb < args.memory_gb:
-            rows.append(("tl full cache", "sinks", n_tokens, _measure("tl", "sinks", n_tokens, args.model, args.device, []), bare))
-        else:
-            rows.append(("tl full cache", f"skipped: needs ~{tl_gb:.0f} GB", n_tokens, None, bare))
-        for detectors in detector_sets:
-            rows.append(("lens census", detectors, n_tokens, _measure("census", detectors, n_tokens, args.model, args.device, args.param), bare))
+    with tempfile.TemporaryDirectory() as tmp:
+        for n_tokens in [int(n) for n in args.lengths.split(",")]:
+            for detectors in detector_sets:
+                trace = os.path.join(tmp, f"trace-{n_tokens}-{len(rows)}.json")
+                census = _measure("census", detectors, n_tokens, args, trace)
+                bare = _measure("bare", detectors, n_tokens, args, trace) if census else None
+                tl_gb = _TL_BYTES_PER_TOKEN2 * n_tokens**2 / 1024**3
+                if args.no_tl:
+                    tl, tl_note = None, "not run"
+                elif tl_gb < args.memory_gb:
+                    tl, tl_note = _measure("tl", detectors, n_tokens, args, trace), ""
+                else:
+                    tl, tl_note = None, f"cannot run: its cache needs ~{tl_gb:.0f} GB"
+                rows.append((detectors, n_tokens, bare, census, tl, tl_note))
+                print(f"  measured {detectors} at {n_tokens}", file=sys.stderr, flush=True)
 
-    print(f"\nmodel {args.model}, device {args.device}, census params {args.param or 'defaults'}; ratios are against the bare SDPA forward at the same length\n")
-    print(f"| run | detectors | tokens | seconds | peak RSS GB | time ratio | memory ratio |")
-    print(f"|---|---|---|---|---|---|---|")
-    for mode, detectors, n_tokens, result, bare in rows:
-        if result is None:
-            print(f"| {mode} | {detectors} | {n_tokens} | - | - | - | - |")
-            continue
-        time_ratio = result["seconds"] / bare["seconds"] if bare else float("nan")
-        memory_ratio = result["peak_rss_gb"] / bare["peak_rss_gb"] if bare else float("nan")
-        print(f"| {mode} | {detectors} | {n_tokens} | {result['seconds']:.2f} | {result['peak_rss_gb']:.2f} | {time_ratio:.2f} | {memory_ratio:.2f} |")
+    cuda = args.device.startswith("cuda")
+    memory = "peak_cuda_gb" if cuda else "peak_rss_gb"
+    print(f"\nmodel {args.model}, device {args.device}, census params {args.param or 'defaults'}; "
+          f"memory is {'peak CUDA allocation' if cuda else 'peak RSS'}; ratios are against the bare replay\n")
+    print("| detectors | tokens | decoder calls | bare s | bare GB | census s | census GB | time ratio | memory ratio | TL full cache s | TL GB | TL time ratio | TL memory ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for detectors, n_tokens, bare, census, tl, tl_note in rows:
+        cells = [detectors, str(n_tokens)]
+        if census and bare:
+            cells += [str(census["decoder_calls"]), f"{bare['seconds']:.2f}", f"{bare[memory]:.2f}", f"{census['seconds']:.2f}", f"{census[memory]:.2f}",
+                      f"{census['seconds'] / bare['seconds']:.2f}", f"{census[memory] / bare[memory]:.2f}"]
+        else:
+            cells += ["failed"] + ["-"] * 6
+        if tl and bare:
+            cells += [f"{tl['seconds']:.2f}", f"{tl[memory]:.2f}", f"{tl['seconds'] / bare['seconds']:.2f}", f"{tl[memory] / bare[memory]:.2f}"]
+        else:
+            cells += [tl_note or "failed", "-", "-", "-"]
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import json
 import platform
 import secrets
 import typing
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -96,6 +96,7 @@ def census(
     store: ReportStore | str | Path,
     *,
     probes_file: str | Path | None = None,
+    probes: Mapping[str, Sequence[dict]] | None = None,
     limit: int | None = None,
     seed: int = 0,
     params: dict[str, dict[str, str]] | None = None,
@@ -104,7 +105,9 @@ def census(
 ) -> CensusResult:
     """Run ``detectors`` on ``model`` and write their reports into ``store``.
 
-    ``params`` maps a detector name to ``{parameter: text value}``. ``on_pass(done, total)`` reports
+    ``probes`` maps a detector name to its own probe dicts (Python API; it overrides ``probes_file``
+    and the built-in probes for that detector, so detectors with different probe formats can share a
+    census). ``params`` maps a detector name to ``{parameter: text value}``. ``on_pass(done, total)`` reports
     progress (total counts every detector's probes). Bad input raises before anything is run.
     """
     store = store if isinstance(store, ReportStore) else ReportStore(store)
@@ -120,8 +123,17 @@ def census(
     }
     file_probes = read_probe_file(probes_file) if probes_file else None
     probe_sets: dict[str, list[dict]] = {}
+    probes = probes or {}
+    unknown_probes = set(probes) - set(classes)
+    if unknown_probes:
+        raise ProbeError(f"probes given for detector(s) not in this census: {sorted(unknown_probes)}")
     for name, detector in instances.items():
-        listed = file_probes if file_probes is not None else [(f"built-in {name} probe {i + 1}", p) for i, p in enumerate(detector.builtin_probes())]
+        if name in probes:
+            listed = [(f"{name} probe {i + 1}", p) for i, p in enumerate(probes[name])]
+        elif file_probes is not None:
+            listed = file_probes
+        else:
+            listed = [(f"built-in {name} probe {i + 1}", p) for i, p in enumerate(detector.builtin_probes())]
         listed = listed[:limit] if limit is not None else listed
         probe_sets[name] = [detector.check_probe(probe, where) for where, probe in listed]
 

@@ -75,6 +75,9 @@ class Detector:
     # Fields a probe-file line must have, and the field holding the text that is fed to the model.
     probe_fields: ClassVar[tuple[str, ...]]
     prompt_field: ClassVar[str]
+    # Fields holding the context the task is read in (default: the prompt field); ``with_prefix``
+    # lengthens a probe by putting the same text before each of them.
+    context_fields: ClassVar[tuple[str, ...]] = ()
     ParamsType: ClassVar[type[Params]] = Params
 
     def __init__(self, model, params: Params | None = None, *, seed: int = 0, prepend_bos: bool = False):
@@ -102,6 +105,10 @@ class Detector:
         n_tokens = len(self.tokens(probe[self.prompt_field]))
         self.model.check_length(n_tokens + self.extra_tokens(), what=f"{where}: prompt")
         return probe
+
+    def with_prefix(self, probe: dict, prefix: str) -> dict:
+        """The same probe read after ``prefix``: long-context variants of a task (benchmarks)."""
+        return {**probe, **{name: prefix + probe[name] for name in self.context_fields or (self.prompt_field,)}}
 
     def extra_tokens(self) -> int:
         """Tokens a detector appends to a prompt (a generated answer), counted against the context."""

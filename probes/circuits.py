@@ -223,6 +223,11 @@ class FinalZTap(Intervention):
         return torch.cat([z[:, :-1], (z[:, -1] + self.delta)[:, None]], dim=1)
 
 
+# Bytes of KV cache that single-token patching forwards may hold at once (the prefix cache repeated
+# over the batch): long prompts get smaller batches instead of a cache of batch_size x prompt.
+BATCHED_CACHE_BYTES = 2**29
+
+
 @contextmanager
 def _input_embeddings(model, embeddings: Float[Tensor, "batch pos d_model"]) -> Iterator[None]:
     """Make the embedding layer return ``embeddings`` (whatever tokens it is given)."""
@@ -277,6 +282,7 @@ class Circuits(Detector):
     reports = (CIRCUIT_HEADS, CIRCUIT_OVERLAP, CIRCUIT_TASKS)
     probe_fields = ("task", "clean", "corrupt", "target", "foil")
     prompt_field = "clean"
+    context_fields = ("clean", "corrupt")
     ParamsType = CircuitParams
 
     def __init__(self, *args, **kwargs):
@@ -343,12 +349,15 @@ class Circuits(Detector):
         unembed = model.hf.get_output_embeddings()
         rows = torch.tensor([pair.target, pair.foil], device=model.device)
         softcap = getattr(model.hf.config, "final_logit_softcapping", None)
-        lds = []
-        for start in range(0, replace.shape[0], self.params.batch_size):
-            chunk = replace[start : start + self.params.batch_size]
+        cache_bytes = sum(t.numel() * t.element_size() for layer in pair.prefix_cache.layers for t in (layer.keys, layer.values))
+        batch_size = max(1, min(self.params.batch_size, BATCHED_CACHE_BYTES // max(1, cache_bytes)))
+        lds, cache = [], None
+        for start in range(0, replace.shape[0], batch_size):
+            chunk = replace[start : start + batch_size]
             n = chunk.shape[0]
-            cache = copy.deepcopy(pair.prefix_cache)
-            cache.batch_repeat_interleave(n)
+            if cache is None or n != batch_size:
+                cache = copy.deepcopy(pair.prefix_cache)
+                cache.batch_repeat_interleave(n)
             edits = [
                 ReplaceZ(layer, [-1], values[layer][None, None].to(model.device), chunk[:, layer].to(model.device))
                 for layer in range(chunk.shape[1])
@@ -358,6 +367,7 @@ class Circuits(Detector):
                 last = pair.clean[-1:].expand(n, 1).to(model.device)
                 hidden = decoder(input_ids=last, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
                 logits = torch.nn.functional.linear(hidden, unembed.weight[rows], None if unembed.bias is None else unembed.bias[rows]).float()
+            cache.crop(-1)  # back to the prefix: the next batch reuses the repeated cache
             if softcap is not None:
                 logits = torch.tanh(logits / softcap) * softcap
             lds.append((logits[:, 0] - logits[:, 1]).cpu())
@@ -370,15 +380,17 @@ class Circuits(Detector):
         embedding = model.hf.get_input_embeddings()
         with torch.no_grad():
             clean, corrupt = embedding(pair.clean[None].to(model.device)), embedding(pair.corrupt[None].to(model.device))
-        alphas = (torch.arange(1, steps + 1, dtype=clean.dtype, device=clean.device) / steps)[:, None, None]
-        taps = [FinalZTap(layer, grad=True) for layer in range(model.info.n_layers)]
-        logits: list[Tensor] = []
-        with _input_embeddings(model, corrupt + alphas * (clean - corrupt)):
-            capture(model, pair.clean.expand(steps, -1), [Logits(logits.append)], taps, grad=True)
+        alphas = torch.arange(1, steps + 1, dtype=clean.dtype, device=clean.device) / steps
         target, foil = pair.ids
-        ld = logit_difference(logits[0][:, -1].float(), target.expand(steps).to(model.device), foil.expand(steps).to(model.device))
-        grads = torch.autograd.grad(ld.sum(), [tap.delta for tap in taps])
-        return torch.stack(grads, dim=1).float().cpu()
+        grads = []
+        for alpha in alphas:  # one step at a time: a backward pass holds activations of the whole prompt
+            taps = [FinalZTap(layer, grad=True) for layer in range(model.info.n_layers)]
+            logits: list[Tensor] = []
+            with _input_embeddings(model, corrupt + alpha * (clean - corrupt)):
+                capture(model, pair.clean[None], [Logits(logits.append)], taps, grad=True)
+            ld = logit_difference(logits[0][:, -1].float(), target.reshape(1).to(model.device), foil.reshape(1).to(model.device))
+            grads.append(torch.stack(torch.autograd.grad(ld.sum(), [tap.delta for tap in taps]), dim=1)[0])
+        return torch.stack(grads).float().cpu()
 
     def _analyse(self, task: str, pairs: list[Pair]) -> TaskResult:
         info = self.model.info

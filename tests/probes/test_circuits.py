@@ -144,3 +144,17 @@ def test_unequal_lengths_name_the_line(tiny_llama, tmp_path):
     same = dict(good, foil=" Mary")
     with pytest.raises(ProbeError, match=r"p\.jsonl:1: target"):
         lens.census(tiny_llama, ["circuits"], tmp_path / "store", probes_file=write_probes(tmp_path / "p.jsonl", [same]))
+
+
+def test_patching_batches_bounded_by_cache_memory_agree(tmp_path, monkeypatch):
+    """Long prompts patch in smaller batches (BATCHED_CACHE_BYTES); the scores must not change."""
+    model = lens.load("tiny-llama")
+    probes = write_probes(tmp_path / "p.jsonl", generate_pairs(model.tokenizer, "induction", 2, random.Random(0)))
+    scores = []
+    for budget in (2**40, 1):  # every head in one batch, then one head per batch
+        monkeypatch.setattr("probes.circuits.BATCHED_CACHE_BYTES", budget)
+        result = lens.census(model, ["circuits"], tmp_path / "store", probes_file=probes)
+        heads = lens.ReportStore(tmp_path / "store").read("circuit_heads", run_id=result.run_id)
+        scores.append(heads[heads["method"] == "patching"].sort_values(["layer", "head"])["importance"].to_numpy())
+    assert abs(scores[0]).max() > 0
+    torch.testing.assert_close(torch.tensor(scores[1]), torch.tensor(scores[0]), atol=1e-5, rtol=0)
