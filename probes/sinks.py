@@ -5,7 +5,8 @@ One forward pass per probe collects, reduced layer by layer inside the pass:
 - per layer, the hidden-state norm of every position, its cosine with the first token, the largest
   residual entries and the median magnitude (``Residual("resid_post")``), and the MLP output norms
   (``Residual("mlp_out")``);
-- the logits at every position, for the loss before calibration (``Logits``).
+- the next-token loss before calibration, from logits streamed a chunk of positions at a time
+  (``LogitChunks``; a custom metric gets all the logits at once).
 
 Reports:
 - ``sinks``: sink_score[l, h] = mean over queries of A[t, 0], then over prompts (Gu et al. 2025);
@@ -32,13 +33,13 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from lens._capture.interventions import ScaleSinks
-from lens._capture.needs import AttentionBlock, AttentionRows, Logits, Residual
+from lens._capture.needs import AttentionBlock, AttentionRows, LogitChunks, Logits, Residual
 from lens._capture.session import capture
 from lens._store.schema import Column, ReportSchema
 from lens._store.store import Report
 from metrics.attention import key_importance, prefix_mass, queries_seeing, received_attention
 from metrics.hidden import cosine_to_position, median_magnitude, position_norms, top_magnitudes
-from metrics.loss import next_token_loss
+from metrics.loss import next_token_loss, next_token_loss_sum
 from metrics.sinks import (
     aligned_with_first,
     first_sinks,
@@ -225,15 +226,15 @@ class Sinks(Detector):
         n_layers, seq_len = info.n_layers, len(tokens)
         received = torch.zeros(n_layers, info.n_heads, seq_len)
         hidden = HiddenStats(n_layers, seq_len, self.params.top_k)
-        logits: list[Tensor] = []
 
         def accumulate(block: AttentionBlock) -> None:
             received[block.layer, :, : block.n_keys] += received_attention(block.probs[0])
 
         calibrate = self.params.calibrate and seq_len > 1
         needs = [AttentionRows(accumulate), Residual(hidden.resid_post), Residual(hidden.mlp_out, kind="mlp_out")]
+        before: list[float] = []
         if calibrate:
-            needs.append(Logits(lambda x: logits.append(x[0].float()), positions=list(range(seq_len))))
+            needs.append(self._metric_need(tokens, before))
         targets: dict[tuple[int, int], list[int]] = {}
 
         def done() -> None:
@@ -243,11 +244,9 @@ class Sinks(Detector):
 
         if not calibrate or not targets:
             return
-        before = float(self.metric(logits.pop(), tokens))  # [pos, vocab] logits are large: keep only the number
-        calibrated: list[Tensor] = []
+        after: list[float] = []
 
         def done_calibrated() -> None:
-            after = float(self.metric(calibrated[0], tokens))
             heads = sorted(targets)
             self._rows["sink_calibration"].append(
                 pd.DataFrame(
@@ -258,19 +257,30 @@ class Sinks(Detector):
                         "n_sinks": [sum(len(p) for p in targets.values())],
                         "beta": [self.params.beta],
                         "metric": [getattr(self.metric, "__name__", "metric")],
-                        "before": [before],
-                        "after": [after],
-                        "change": [after - before],
+                        "before": before,
+                        "after": after,
+                        "change": [after[0] - before[0]],
                     }
                 )
             )
 
-        yield ForwardPass(
-            tokens,
-            [Logits(lambda x: calibrated.append(x[0].float()), positions=list(range(seq_len)))],
-            calibration_interventions(targets, self.params.beta),
-            done=done_calibrated,
-        )
+        yield ForwardPass(tokens, [self._metric_need(tokens, after)], calibration_interventions(targets, self.params.beta), done=done_calibrated)
+
+    def _metric_need(self, tokens: Tensor, out: list[float]) -> LogitChunks | Logits:
+        """Logits for the calibration metric, appending its value to ``out``. The default loss is
+        summed chunk by chunk, so no [positions, vocab] tensor is held; a custom metric gets them all."""
+        seq_len = len(tokens)
+        if self.metric is next_token_loss:
+            total = [0.0, 0]
+
+            def add(positions: Tensor, logits: Tensor) -> None:
+                total[0] += next_token_loss_sum(logits[0], positions, tokens)
+                total[1] += len(positions)
+                if total[1] == seq_len:
+                    out.append(total[0] / (seq_len - 1))
+
+            return LogitChunks(add)
+        return Logits(lambda logits: out.append(float(self.metric(logits[0].float(), tokens))), positions=list(range(seq_len)))
 
     def _reduce(self, probe_id: str, tokens: Tensor, received: Tensor, hidden: HiddenStats) -> dict[tuple[int, int], list[int]]:
         p = self.params

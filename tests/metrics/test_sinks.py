@@ -11,7 +11,7 @@ import torch
 from lens import ScaleSinks
 from metrics.attention import key_importance, queries_seeing, received_attention
 from metrics.hidden import cosine_to_position, median_magnitude, position_norms, top_magnitudes
-from metrics.loss import next_token_loss
+from metrics.loss import next_token_loss, next_token_loss_sum
 from metrics.sinks import (
     aligned_with_first,
     first_sinks,
@@ -105,6 +105,15 @@ def test_next_token_loss_is_mean_cross_entropy_of_the_next_token():
     assert next_token_loss(logits, tokens) == pytest.approx(float(direct), abs=1e-6)
     uniform = torch.zeros(5, 11)
     assert next_token_loss(uniform, tokens) == pytest.approx(math.log(11), abs=1e-6)
+
+
+def test_next_token_loss_summed_over_chunks_equals_the_mean():
+    torch.manual_seed(1)
+    logits, tokens = torch.randn(7, 13), torch.randint(0, 13, (7,))
+    chunks = [torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5]), torch.tensor([6])]  # the last position has no target
+    total = sum(next_token_loss_sum(logits[c], c, tokens) for c in chunks)
+    assert total / 6 == pytest.approx(next_token_loss(logits, tokens), abs=1e-6)
+    assert next_token_loss_sum(logits[[6]], torch.tensor([6]), tokens) == 0.0
 
 
 def test_scale_sinks_equals_act_formula():
