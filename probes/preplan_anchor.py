@@ -180,7 +180,7 @@ class PreplanAnchor(Detector):
         if not isinstance(probe.get("prompt"), str) or not probe["prompt"]:
             raise ProbeError(f"{where}: missing or empty string field 'prompt' (the preplan_anchor detector needs 'prompt', optionally 'response')")
         if "response" not in probe:
-            self.model.check_length(len(self.tokens(probe["prompt"])) + self.params.max_new_tokens, what=f"{where}: prompt plus answer")
+            self.model.check_length(len(self.tokens(probe["prompt"])) + self.extra_tokens(), what=f"{where}: prompt plus answer")
             return probe
         if not isinstance(probe["response"], str):
             raise ProbeError(f"{where}: field 'response' must be a string")
@@ -189,6 +189,9 @@ class PreplanAnchor(Detector):
             raise ProbeError(f"{where}: the response has fewer than 2 tokens")
         self.model.check_length(len(full), what=f"{where}: prompt plus response")
         return probe
+
+    def extra_tokens(self) -> int:
+        return self.params.max_new_tokens
 
     def _response(self, probe: dict, index: int) -> tuple[Tensor, int, str]:
         """Tokens of prompt + response, the first response position, and where the response came from."""
@@ -214,7 +217,7 @@ class PreplanAnchor(Detector):
             received = torch.zeros(len(tokens), dtype=torch.float64)
 
             def receive(block: AttentionBlock) -> None:
-                received[: block.n_keys] += block.probs[0].sum(dim=(0, 1)).double()
+                received[: block.n_keys] += block.probs[0].sum(dim=(0, 1)).double().cpu()
 
             yield ForwardPass(tokens, [AttentionRows(receive, positions=response)])
             share = received / (self.model.info.n_layers * self.model.info.n_heads * len(response))
@@ -229,15 +232,16 @@ class PreplanAnchor(Detector):
     def _reductions(self, trace: Trace, response: list[int], sinks: Tensor):
         """Needs that fill ``trace`` with per-head reductions over the response rows, and the step that
         turns the logits into entropies once the pass is done."""
-        info, params = self.model.info, self.params
+        info, params, device = self.model.info, self.params, self.model.device
         n = len(response)
-        keys = torch.tensor(response)
-        dropped = {"all": None, "no_sink": sinks}
+        keys = torch.tensor(response, device=device)
+        dropped = {"all": None, "no_sink": sinks.to(device)}
+        # Reductions stay on the model's device during the pass and move to the CPU in finalize.
         for variant in VARIANTS:
-            trace.distance[variant] = torch.zeros(info.n_layers, info.n_heads, dtype=torch.float64)
+            trace.distance[variant] = torch.zeros(info.n_layers, info.n_heads, dtype=torch.float64, device=device)
             for reduction in (trace.waad, trace.fai, trace.fai_all):
-                reduction[variant] = torch.zeros(info.n_layers, info.n_heads, n)
-        trace.first_token = torch.zeros(info.n_layers, info.n_heads, dtype=torch.float64)
+                reduction[variant] = torch.zeros(info.n_layers, info.n_heads, n, device=device)
+        trace.first_token = torch.zeros(info.n_layers, info.n_heads, dtype=torch.float64, device=device)
 
         def reduce(block: AttentionBlock) -> None:
             probs, positions, layer = block.probs[0].float(), block.positions, block.layer
@@ -255,7 +259,11 @@ class PreplanAnchor(Detector):
         needs = [AttentionRows(reduce, positions=response), Logits(logits.append, positions=[p - 1 for p in response] + [response[-1]])]
 
         def finalize() -> None:
-            entropies = pa.entropy(logits[0][0]).float()
+            for reduction in (trace.distance, trace.waad, trace.fai, trace.fai_all):
+                for variant in VARIANTS:
+                    reduction[variant] = reduction[variant].cpu()
+            trace.first_token = trace.first_token.cpu()
+            entropies = pa.entropy(logits[0][0]).float().cpu()
             trace.token_entropy, trace.next_entropy = entropies[:-1], entropies[1:]
             logits.clear()
 
@@ -281,8 +289,8 @@ class PreplanAnchor(Detector):
             for (layer, head), labels in chosen.items():
                 if layer != block.layer:
                     continue
-                values = block.probs[0, head][:, key_positions]
-                query, key = torch.meshgrid(block.positions, key_positions, indexing="ij")
+                values = block.probs[0, head][:, key_positions.to(block.probs.device)].cpu()
+                query, key = torch.meshgrid(block.positions.cpu(), key_positions, indexing="ij")
                 causal = (key <= query).flatten()
                 for variant, role in labels:
                     rows.append(pd.DataFrame({

@@ -224,7 +224,7 @@ class Sinks(Detector):
         probe_id = str(probe.get("id", index))
         info = self.model.info
         n_layers, seq_len = info.n_layers, len(tokens)
-        received = torch.zeros(n_layers, info.n_heads, seq_len)
+        received = torch.zeros(n_layers, info.n_heads, seq_len, device=self.model.device)
         hidden = HiddenStats(n_layers, seq_len, self.params.top_k)
 
         def accumulate(block: AttentionBlock) -> None:
@@ -238,7 +238,7 @@ class Sinks(Detector):
         targets: dict[tuple[int, int], list[int]] = {}
 
         def done() -> None:
-            targets.update(self._reduce(probe_id, tokens, received, hidden))
+            targets.update(self._reduce(probe_id, tokens, received.cpu(), hidden))
 
         yield ForwardPass(tokens, needs, done=done)
 
