@@ -271,7 +271,7 @@ def main() -> None:
                 else:
                     tl, tl_note = None, f"cannot run: its cache needs ~{tl_gb:.0f} GB"
                 rows.append((detectors, n_tokens, bare, census, tl, tl_note))
-                print(f"  measured {detectors} at {n_tokens}", file=sys.stderr, flush=True)
+                print(f"  measured {json.dumps([detectors, n_tokens, bare, census, tl, tl_note])}", file=sys.stderr, flush=True)
 
     cuda = args.device.startswith("cuda")
     memory = "peak_cuda_gb" if cuda else "peak_rss_gb"

@@ -28,8 +28,10 @@ ACTIVE_SESSION: ContextVar[CaptureSession | None] = ContextVar("lens_capture_ses
 
 # Elements of one block of attention scores (batch x heads x rows x keys); 2**23 floats = 32 MiB.
 DEFAULT_BLOCK_ELEMENTS = 2**23
-# Query rows per block when the element budget allows more: blocks of a few MiB stay in cache through
-# the softmax and the consumers, which is faster than fewer, larger blocks (benchmarks/attention_blocks.py).
+# Query rows per block on the CPU when the element budget allows more: blocks of a few MiB stay in
+# cache through the softmax and the consumers, which is faster than fewer, larger blocks
+# (benchmarks/attention_blocks.py). On a GPU, larger blocks mean fewer kernel launches: only the
+# element budget applies there.
 ROWS_PER_BLOCK = 64
 
 
@@ -154,7 +156,9 @@ def session_attention(session: CaptureSession | None, module, query, key, value,
     prob_edits = [edit for edit in edits if edit.edits_probs]
     every_row = any(c.positions is None for c in consumers)
     blockwise = every_row or bool(prob_edits) or softcap is not None
-    rows_per_block = max(1, min(ROWS_PER_BLOCK, session.block_elements // max(1, batch * n_heads * kv_len)))
+    rows_per_block = max(1, session.block_elements // max(1, batch * n_heads * kv_len))
+    if not query.is_cuda:
+        rows_per_block = min(rows_per_block, ROWS_PER_BLOCK)
 
     if blockwise:
         rows = list(range(q_len))
