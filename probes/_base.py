@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,18 +24,68 @@ from lens._capture.interventions import Intervention
 from lens._capture.needs import Need
 from lens._store.schema import Column, ReportSchema, register_schema
 from lens._store.store import Report
+from metrics.uncertainty import Interval, mean_interval, paired_difference, proportion_interval
 
 SUMMARY = register_schema(
     ReportSchema(
         "summary",
-        "Per-run, per-detector headline numbers (long format), e.g. Sink_1^eps.",
+        "One row per claim a detector makes (shared by every detector): the estimate with its 95% interval over "
+        "the sampling unit, n, a p-value where a null exists, and how they were computed.",
         (
-            Column("metric", "string", "name of the statistic"),
-            Column("value", "float64", "its value"),
-            Column("detail", "string", "what it means, with its parameters"),
+            Column("claim", "string", "stable name, detector.what (e.g. retrieval.fraction_of_heads)"),
+            Column("estimate", "float64", "the value"),
+            Column("ci_low", "float64", "lower end of the 95% interval (NaN: no interval, see method)", nullable=True),
+            Column("ci_high", "float64", "upper end of the 95% interval (NaN: no interval, see method)", nullable=True),
+            Column("n", "int64", "how many sampling units the estimate rests on"),
+            Column("unit", "string", "the sampling unit (probes, trials, prompt pairs, heads)"),
+            Column("p_value", "float64", "p-value against the claim's null (NaN where there is none)", nullable=True),
+            Column("method", "string", "how the interval and p-value were computed (bootstrap, test, correction)"),
+            Column("detail", "string", "what the claim means, with its parameters"),
         ),
     )
 )
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One row of the ``summary`` report. Build it from the sampling units with ``Claim.mean``,
+    ``Claim.paired`` or ``Claim.proportion`` so its interval and n come with it; ``Claim.count`` is
+    for numbers that are tallies, not estimates (no interval)."""
+
+    claim: str
+    estimate: float
+    ci_low: float = math.nan
+    ci_high: float = math.nan
+    n: int = 0
+    unit: str = ""
+    p_value: float = math.nan
+    method: str = ""
+    detail: str = ""
+
+    @classmethod
+    def from_interval(cls, claim: str, interval: Interval, unit: str, detail: str) -> Claim:
+        return cls(claim, interval.estimate, interval.low, interval.high, interval.n, unit,
+                   getattr(interval, "p_value", math.nan), interval.method, detail)
+
+    @classmethod
+    def mean(cls, claim: str, values, unit: str, detail: str, *, seed: int = 0) -> Claim:
+        """Mean over sampling units (NaN units dropped) with its bootstrap interval."""
+        return cls.from_interval(claim, mean_interval(values, seed=seed), unit, detail)
+
+    @classmethod
+    def paired(cls, claim: str, treated, control, unit: str, detail: str, *, seed: int = 0) -> Claim:
+        """Mean paired difference treated - control, its interval and a permutation p-value."""
+        return cls.from_interval(claim, paired_difference(treated, control, seed=seed), unit, detail)
+
+    @classmethod
+    def proportion(cls, claim: str, successes: int, n: int, unit: str, detail: str) -> Claim:
+        """A fraction of n units with its Wilson interval."""
+        return cls.from_interval(claim, proportion_interval(successes, n), unit, detail)
+
+    @classmethod
+    def count(cls, claim: str, value: float, unit: str, detail: str) -> Claim:
+        """A tally (how many probes were skipped, how many heads were used): no interval."""
+        return cls(claim, float(value), n=int(value), unit=unit, method="count", detail=detail)
 
 
 class ProbeError(ValueError):
@@ -57,10 +108,14 @@ class Params:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
 
-def summary_report(rows: list[tuple[str, float, str]]) -> Report:
+def summary_report(claims: Sequence[Claim | tuple[str, float, str]]) -> Report:
+    """The ``summary`` report of a detector's claims. A ``(name, value, detail)`` tuple is a point
+    value with no interval yet (being migrated to ``Claim``); its method says so."""
     import pandas as pd
 
-    return Report("summary", pd.DataFrame(rows, columns=["metric", "value", "detail"]))
+    columns = [c.name for c in SUMMARY.columns]
+    claims = [c if isinstance(c, Claim) else Claim(c[0], float(c[1]), method="point value, no interval", detail=c[2]) for c in claims]
+    return Report("summary", pd.DataFrame([dataclasses.astuple(claim) for claim in claims], columns=columns))
 
 
 def builtin_probe_file(name: str) -> list[dict]:
@@ -125,11 +180,17 @@ class Detector:
         raise NotImplementedError
 
     def summary_lines(self, reports: list[Report]) -> list[str]:
-        """One-line headline numbers for the CLI's closing table."""
+        """One-line headline claims for the CLI's closing table: estimate [interval], n and p."""
         summary = [r for r in reports if r.type == "summary"]
         if not summary:
             return []
-        return [f"{row.metric} = {row.value:.4g}  ({row.detail})" for row in summary[0].frame.itertuples()]
+        return [format_claim(row) for row in summary[0].frame.itertuples()]
+
+
+def format_claim(row) -> str:
+    interval = "" if math.isnan(row.ci_low) else f" [{row.ci_low:.3g}, {row.ci_high:.3g}]"
+    p_value = "" if math.isnan(row.p_value) else f", p={row.p_value:.2g}"
+    return f"{row.claim} = {row.estimate:.4g}{interval} (n={row.n} {row.unit}{p_value})"
 
 
 @dataclass

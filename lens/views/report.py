@@ -186,7 +186,7 @@ def _detector_section(store, run_id: str, detector: str, figures: dict[str, go.F
     summary = store.read("summary", run_id=run_id, detector=detector)
     parts = []
     if len(summary):
-        parts.append("<h3>Headline numbers</h3>" + _table_html(summary[["metric", "value", "detail"]]))
+        parts.append("<h3>Headline numbers</h3>" + _table_html(summary[["claim", "estimate", "ci_low", "ci_high", "n", "unit", "p_value", "method", "detail"]]))
     reports = store.runs(run_id=run_id, detector=detector)["reports"].iloc[0]
     counts = ", ".join(f"<code>{html.escape(r)}</code> ({len(store.read(r, run_id=run_id, detector=detector))} rows)" for r in reports.split(",") if r)
     parts.append(f"<p>Reports: {counts}.</p>")

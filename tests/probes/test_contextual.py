@@ -66,7 +66,7 @@ def test_scores_equal_output_attentions(smollm2, eager_reference, tmp_path):
     best = int(expected["contextual_score"].flatten().argmax())
     assert frame["rank"].to_numpy()[best] == 1
 
-    summary = store.read("summary", run_id=result.run_id).set_index("metric")["value"]
+    summary = store.read("summary", run_id=result.run_id).set_index("claim")["estimate"]
     assert "focus_skipped" in summary.index  # both probes are training probes: nothing held out
     assert store.read("focus_effect", run_id=result.run_id).empty
 
@@ -148,7 +148,7 @@ def test_census_writes_reports_directions_and_views(smollm2, tmp_path):
     focus = load_focus_directions(tmp_path / "store" / path)
     assert len(focus.heads) == 20 and focus.vectors.shape == (20, 64) and focus.scale == 0.25
 
-    summary = store.read("summary", run_id=result.run_id).set_index("metric")["value"]
+    summary = store.read("summary", run_id=result.run_id).set_index("claim")["estimate"]
     base = effect[~effect["focus"]]["gold_mass_top_heads"].mean()
     assert summary["heldout_gold_mass_top_heads_base"] == pytest.approx(base)
     assert {"heldout_accuracy_base", "heldout_accuracy_focus", "focus_train_gold_mass_first_epoch"} <= set(summary.index)

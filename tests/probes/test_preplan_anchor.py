@@ -118,7 +118,7 @@ def test_excerpt_and_summary(census_run, reference_outputs):
         torch.testing.assert_close(torch.tensor(cells["attention"].to_numpy()), expected.double(), atol=1e-5, rtol=0)
     assert (excerpt["key_pos"] <= excerpt["query_pos"]).all() and excerpt["query_pos"].min() == max(0, attention.shape[-1] - 128)
 
-    summary = store.read("summary", run_id=result.run_id).set_index("metric")["value"]
+    summary = store.read("summary", run_id=result.run_id).set_index("claim")["estimate"]
     rows = store.read("reasoning_tokens", run_id=result.run_id).query("variant == 'no_sink'")
     anchors = rows[rows["is_anchor"]]
     assert summary["punctuation_share_anchors[no_sink]"] == pytest.approx(anchors["is_punctuation"].mean())

@@ -72,7 +72,7 @@ def test_census_writes_ablation_and_summary(short_census):
     assert set(ablation.set_index(["condition", "k"]).loc[("top", 5), "heads"].split()) == expected
     assert not expected & set(ablation.set_index(["condition", "k"]).loc[("random", 5), "heads"].split())
     assert ablation["accuracy"].between(0, 1).all() and (ablation["mask"] == "query").all() and not ablation["mask_prompt"].any()
-    summary = store.read("summary", run_id=result.run_id).set_index("metric")["value"]
+    summary = store.read("summary", run_id=result.run_id).set_index("claim")["estimate"]
     assert summary["retrieval_heads_percent"] == pytest.approx(100 * scores["is_retrieval"].mean())
     assert summary["ablation_accuracy_k0"] == 1.0
 

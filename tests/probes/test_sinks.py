@@ -84,7 +84,7 @@ def test_sinks_census_equals_output_attentions(census_run, full_cache, smollm2):
     assert (frame["is_sink"] == (frame["sink_score"] > 0.3)).all()
     assert set(frame["n_prompts"]) == {2} and set(frame["first_token"]) <= {"The", "<|im_start|>"}
 
-    summary = census_run["summary"].set_index("metric")["value"]
+    summary = census_run["summary"].set_index("claim")["estimate"]
     assert summary["sink_rate_eps0.3"] == pytest.approx(100.0 * (first_token > 0.3).double().mean().item(), abs=1e-6)
 
     runs = census_run["runs"]
@@ -288,7 +288,7 @@ def test_planted_sinks_are_found_by_the_detector(tiny_llama):
     second = massive[massive["rank"] == 2].set_index("layer")
     assert second.loc[1, "position"] == 3 and second.loc[1, "is_massive"] and second.loc[1, "on_sink_token"]
     assert not second.drop(index=1)["is_massive"].any()
-    summary = reports["summary"].set_index("metric")["value"]
+    summary = reports["summary"].set_index("claim")["estimate"]
     assert summary["hidden_sinks"] == 1 and summary["hidden_sink_tokens"] == 1 and summary["massive_activations"] == n_layers + 1
 
 

@@ -1,0 +1,161 @@
+"""Intervals, paired contrasts and multiple-test corrections for every claim the workbench makes.
+
+One mechanism for all detectors: a claim is a statistic over sampling units (probes, trials, prompt
+pairs), so its interval is a bootstrap over those units (``scipy.stats.bootstrap``, seeded), and a
+contrast between two conditions measured on the same units (masked against control, with a focus
+direction against without) is a paired difference with a sign-flip permutation p-value
+(``scipy.stats.permutation_test``). Families of tests are corrected with Holm or Benjamini-Hochberg
+(``statsmodels``). Pure functions on arrays: no model code, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from jaxtyping import Float
+from scipy import stats
+
+CONFIDENCE = 0.95
+N_RESAMPLES = 4999
+N_PERMUTATIONS = 9999
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with its ``confidence`` interval over ``n`` sampling units."""
+
+    estimate: float
+    low: float
+    high: float
+    n: int
+    method: str
+
+    def covers(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+
+@dataclass(frozen=True)
+class Contrast(Interval):
+    """A paired difference (treated minus control) with its interval and a two-sided p-value."""
+
+    p_value: float = math.nan
+
+
+def _as_units(values) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64).reshape(-1)
+    return array[~np.isnan(array)]
+
+
+def mean_interval(
+    values: Float[np.ndarray, " unit"],
+    *,
+    seed: int = 0,
+    confidence: float = CONFIDENCE,
+    n_resamples: int = N_RESAMPLES,
+) -> Interval:
+    """Mean over sampling units with a bias-corrected accelerated (BCa) bootstrap interval.
+
+    NaN units are dropped (a trial that did not count). With fewer than two units there is no
+    interval (NaN bounds); when every unit has the same value the interval is that value, since no
+    resample can differ (scipy would return NaN there)."""
+    units = _as_units(values)
+    n = len(units)
+    if n == 0:
+        return Interval(math.nan, math.nan, math.nan, 0, "no units")
+    estimate = float(units.mean())
+    if n < 2:
+        return Interval(estimate, math.nan, math.nan, n, "one unit: no interval")
+    if np.all(units == units[0]):
+        return Interval(estimate, estimate, estimate, n, "every unit equal: interval is the value")
+    low, high, method = _bootstrap((units,), _mean, seed, confidence, n_resamples)
+    return Interval(estimate, low, high, n, method)
+
+
+def paired_difference(
+    treated: Float[np.ndarray, " unit"],
+    control: Float[np.ndarray, " unit"],
+    *,
+    seed: int = 0,
+    confidence: float = CONFIDENCE,
+    n_resamples: int = N_RESAMPLES,
+    n_permutations: int = N_PERMUTATIONS,
+) -> Contrast:
+    """Mean of ``treated - control`` over units measured under both conditions, its bootstrap
+    interval, and a two-sided sign-flip permutation p-value (exact when 2**n is small).
+
+    Units with NaN in either condition are dropped from both."""
+    treated = np.asarray(treated, dtype=np.float64).reshape(-1)
+    control = np.asarray(control, dtype=np.float64).reshape(-1)
+    if treated.shape != control.shape:
+        raise ValueError(f"paired conditions need the same units: {treated.shape} vs {control.shape}")
+    keep = ~(np.isnan(treated) | np.isnan(control))
+    differences = treated[keep] - control[keep]
+    n = len(differences)
+    if n == 0:
+        return Contrast(math.nan, math.nan, math.nan, 0, "no paired units")
+    estimate = float(differences.mean())
+    if n < 2:
+        return Contrast(estimate, math.nan, math.nan, n, "one paired unit: no interval or p-value")
+    if np.all(differences == differences[0]):
+        # Every sign flip of a constant gives the same |mean| unless it is zero.
+        p_value = 1.0 if differences[0] == 0 else float(2.0 ** (1 - n)) if n <= 30 else 0.0
+        return Contrast(estimate, estimate, estimate, n, "every paired difference equal; exact sign-flip p-value", p_value)
+    low, high, method = _bootstrap((differences,), _mean, seed, confidence, n_resamples)
+    permutation = stats.permutation_test(
+        (differences,),
+        _mean,
+        permutation_type="samples",
+        n_resamples=n_permutations,
+        alternative="two-sided",
+        rng=np.random.default_rng(seed),
+    )
+    return Contrast(estimate, low, high, n, f"paired difference; {method}; sign-flip permutation p-value", float(permutation.pvalue))
+
+
+def proportion_interval(successes: int, n: int, *, confidence: float = CONFIDENCE) -> Interval:
+    """A fraction of n independent units (for example heads above a threshold) with its Wilson
+    score interval, which behaves at 0 and 1 where a bootstrap collapses."""
+    if n == 0:
+        return Interval(math.nan, math.nan, math.nan, 0, "no units")
+    result = stats.binomtest(int(successes), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return Interval(successes / n, float(result.low), float(result.high), n, f"Wilson score {confidence:.0%} interval")
+
+
+def adjust_p_values(p_values, method: str = "holm") -> np.ndarray:
+    """Family-wise (``holm``) or false-discovery-rate (``fdr_bh``, Benjamini-Hochberg) adjusted
+    p-values; NaN entries stay NaN and are not counted in the family."""
+    from statsmodels.stats.multitest import multipletests
+
+    p_values = np.asarray(p_values, dtype=np.float64)
+    adjusted = np.full_like(p_values, np.nan)
+    present = ~np.isnan(p_values)
+    if present.any():
+        adjusted[present] = multipletests(p_values[present], method=method)[1]
+    return adjusted
+
+
+def _mean(sample, axis=-1):
+    return np.mean(sample, axis=axis)
+
+
+def _bootstrap(data, statistic, seed: int, confidence: float, n_resamples: int) -> tuple[float, float, str]:
+    """BCa bootstrap bounds; percentile when BCa is undefined (for example a single outlier unit)."""
+    for method in ("BCa", "percentile"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = stats.bootstrap(
+                data,
+                statistic,
+                n_resamples=n_resamples,
+                confidence_level=confidence,
+                method=method,
+                vectorized=True,
+                rng=np.random.default_rng(seed),
+            )
+        low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
+        if not (math.isnan(low) or math.isnan(high)):
+            return low, high, f"{method} bootstrap {confidence:.0%} interval, {n_resamples} resamples, seed {seed}"
+    return math.nan, math.nan, "bootstrap undefined"
