@@ -115,6 +115,42 @@ def paired_difference(
     return Contrast(estimate, low, high, n, f"paired difference; {method}; sign-flip permutation p-value", float(permutation.pvalue))
 
 
+def cluster_interval(
+    statistic,
+    *per_unit: Float[np.ndarray, " unit"],
+    seed: int = 0,
+    confidence: float = CONFIDENCE,
+    n_resamples: int = N_RESAMPLES,
+) -> Interval:
+    """A statistic of several per-unit columns, resampled together by unit (a cluster bootstrap).
+
+    For pooled statistics such as a ratio of sums over every token of every probe, where the probe,
+    not the token, is the independent unit: ``statistic(*columns, axis=-1)`` must reduce along
+    ``axis`` (it is called on resampled columns of shape [..., unit]). Percentile interval (BCa's
+    jackknife is unreliable for ratios with empty clusters)."""
+    columns = [np.asarray(column, dtype=np.float64).reshape(-1) for column in per_unit]
+    n = len(columns[0])
+    if any(len(column) != n for column in columns):
+        raise ValueError("every per-unit column needs one value per unit")
+    if n == 0:
+        return Interval(math.nan, math.nan, math.nan, 0, "no units")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        estimate = float(statistic(*columns, axis=-1))
+    if n < 2:
+        return Interval(estimate, math.nan, math.nan, n, "one unit: no interval")
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n, size=(n_resamples, n))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        resampled = np.asarray(statistic(*(column[draws] for column in columns), axis=-1), dtype=np.float64)
+    resampled = resampled[np.isfinite(resampled)]
+    if len(resampled) < n_resamples // 2:
+        return Interval(estimate, math.nan, math.nan, n, "cluster bootstrap undefined in most resamples")
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(resampled, [tail, 1 - tail])
+    return Interval(estimate, float(low), float(high), n,
+                    f"cluster (by unit) percentile bootstrap {confidence:.0%} interval, {n_resamples} resamples, seed {seed}")
+
+
 def proportion_interval(successes: int, n: int, *, confidence: float = CONFIDENCE) -> Interval:
     """A fraction of n independent units (for example heads above a threshold) with its Wilson
     score interval, which behaves at 0 and 1 where a bootstrap collapses."""

@@ -24,7 +24,7 @@ from lens._capture.interventions import Intervention
 from lens._capture.needs import Need
 from lens._store.schema import Column, ReportSchema, register_schema
 from lens._store.store import Report
-from metrics.uncertainty import Interval, mean_interval, paired_difference, proportion_interval
+from metrics.uncertainty import Interval, cluster_interval, mean_interval, paired_difference, proportion_interval
 
 SUMMARY = register_schema(
     ReportSchema(
@@ -76,6 +76,11 @@ class Claim:
     def paired(cls, claim: str, treated, control, unit: str, detail: str, *, seed: int = 0) -> Claim:
         """Mean paired difference treated - control, its interval and a permutation p-value."""
         return cls.from_interval(claim, paired_difference(treated, control, seed=seed), unit, detail)
+
+    @classmethod
+    def pooled(cls, claim: str, statistic, per_unit: Sequence, unit: str, detail: str, *, seed: int = 0) -> Claim:
+        """A statistic pooled over units (e.g. a ratio of sums over probes), interval by resampling units."""
+        return cls.from_interval(claim, cluster_interval(statistic, *per_unit, seed=seed), unit, detail)
 
     @classmethod
     def proportion(cls, claim: str, successes: int, n: int, unit: str, detail: str) -> Claim:

@@ -70,3 +70,21 @@ def test_p_value_corrections_match_their_definitions():
     assert math.isnan(holm[3])
     bh = adjust_p_values(p_values, "fdr_bh")
     assert bh[0] == pytest.approx(0.03) and bh[1] == pytest.approx(0.04) and bh[2] == pytest.approx(0.04)
+
+
+def test_cluster_interval_of_a_ratio_of_sums_covers_the_truth():
+    from metrics.uncertainty import cluster_interval
+
+    def ratio(hits, totals, axis=-1):
+        return hits.sum(axis=axis) / totals.sum(axis=axis)
+
+    covered = 0
+    for replicate in range(100):
+        rng = np.random.default_rng(replicate)
+        totals = rng.integers(20, 200, size=30)  # tokens per probe: clusters of unequal size
+        rates = np.clip(rng.normal(0.4, 0.1, size=30), 0, 1)  # probes differ: tokens are not independent
+        hits = rng.binomial(totals, rates)
+        covered += cluster_interval(ratio, hits, totals, seed=replicate, n_resamples=1999).covers(0.4)
+    assert covered >= 90
+    with pytest.raises(ValueError):
+        cluster_interval(ratio, np.ones(3), np.ones(4))
