@@ -24,6 +24,7 @@ import torch
 
 import probes as detector_registry
 from lens._capture.session import capture
+from lens._models.model import BOS_POLICIES
 from lens._probe_file import read_probe_file, probe_set_hash
 from lens._store.store import Report, ReportStore
 from probes._base import Detector, ForwardPass, ProbeError
@@ -100,7 +101,7 @@ def census(
     limit: int | None = None,
     seed: int = 0,
     params: dict[str, dict[str, str]] | None = None,
-    prepend_bos: bool = False,
+    bos: str = "auto",
     on_pass: Callable[[int, int], None] | None = None,
 ) -> CensusResult:
     """Run ``detectors`` on ``model`` and write their reports into ``store``.
@@ -108,7 +109,9 @@ def census(
     ``probes`` maps a detector name to its own probe dicts (Python API; it overrides ``probes_file``
     and the built-in probes for that detector, so detectors with different probe formats can share a
     census). ``params`` maps a detector name to ``{parameter: text value}``. ``on_pass(done, total)`` reports
-    progress (total counts every detector's probes). Bad input raises before anything is run.
+    progress (total counts every detector's probes). ``bos`` is the BOS policy of every probe text
+    (``Model.tokenize``): ``"auto"`` follows the tokenizer (Gemma 3 adds ``<bos>``, SmolLM2 nothing),
+    ``"always"`` or ``"never"``; the run manifest records it. Bad input raises before anything is run.
     """
     store = store if isinstance(store, ReportStore) else ReportStore(store)
     store.check_writable()
@@ -117,9 +120,11 @@ def census(
     unknown_params = set(params) - set(classes)
     if unknown_params:
         raise ProbeError(f"parameters given for detector(s) not in this census: {sorted(unknown_params)}")
+    if bos not in BOS_POLICIES:
+        raise ProbeError(f"bos must be one of {', '.join(BOS_POLICIES)}, got {bos!r}")
     torch.manual_seed(seed)
     instances = {
-        name: cls(model, parse_params(cls, params.get(name, {})), seed=seed, prepend_bos=prepend_bos) for name, cls in classes.items()
+        name: cls(model, parse_params(cls, params.get(name, {})), seed=seed, bos=bos) for name, cls in classes.items()
     }
     file_probes = read_probe_file(probes_file) if probes_file else None
     probe_sets: dict[str, list[dict]] = {}
@@ -173,6 +178,9 @@ def census(
                 "probe_hash": probe_set_hash(probe_sets[name]),
                 "n_probes": len(probe_sets[name]),
                 "seed": seed,
+                "bos": bos,
+                "bos_token": model.tokenizer.bos_token or "",
+                "bos_added": len(model.tokenize("", bos=bos)) == 1,
                 "versions": versions,
                 "device": str(model.device),
                 "started_at": started,

@@ -25,7 +25,12 @@ def _parser() -> argparse.ArgumentParser:
     census.add_argument("--limit", type=int, default=None, help="use only the first N probes of each detector")
     census.add_argument("--seed", type=int, default=0)
     census.add_argument("--device", default="cpu", help="cpu or cuda")
-    census.add_argument("--prepend-bos", action="store_true", help="prepend the tokenizer's BOS token to every probe")
+    census.add_argument(
+        "--bos",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="BOS token before every probe: auto (default) where the tokenizer adds one (Gemma 3 yes, SmolLM2 no), always, never",
+    )
     census.add_argument(
         "--param", action="append", default=[], metavar="DETECTOR.NAME=VALUE", help="set a detector parameter, e.g. sinks.eps=0.2"
     )
@@ -102,7 +107,7 @@ def _cmd_census(args) -> int:
             limit=args.limit,
             seed=args.seed,
             params=params,
-            prepend_bos=args.prepend_bos,
+            bos=args.bos,
             on_pass=on_pass,
         )
     finally:
@@ -175,7 +180,7 @@ def _cmd_runs(args) -> int:
     if runs.empty:
         print(f"no finished runs in {args.store}")
         return 0
-    print(runs[["run_id", "model", "detector", "n_probes", "seed", "started_at", "reports"]].to_string(index=False))
+    print(runs[["run_id", "model", "detector", "n_probes", "seed", "bos", "started_at", "reports"]].to_string(index=False))
     return 0
 
 

@@ -140,11 +140,12 @@ class Detector:
     context_fields: ClassVar[tuple[str, ...]] = ()
     ParamsType: ClassVar[type[Params]] = Params
 
-    def __init__(self, model, params: Params | None = None, *, seed: int = 0, prepend_bos: bool = False):
+    def __init__(self, model, params: Params | None = None, *, seed: int = 0, bos: str = "auto"):
         self.model = model
         self.params = params or self.ParamsType()
         self.seed = seed
-        self.prepend_bos = prepend_bos
+        # BOS policy for every probe text (``Model.tokenize``): "auto" follows the tokenizer.
+        self.bos = bos
         self.generator = torch.Generator().manual_seed(seed)
         self.rng = random.Random(seed)
         # Set by the census before the first pass: files a detector saves go into the store, named by run.
@@ -175,7 +176,12 @@ class Detector:
         return 0
 
     def tokens(self, text: str) -> Tensor:
-        return self.model.tokenize(text, prepend_bos=self.prepend_bos)
+        return self.model.tokenize(text, bos=self.bos)
+
+    def bos_shift(self, text: str) -> int:
+        """Tokens the BOS policy puts before ``text``'s own (0 or 1): the offset from positions in
+        ``tokenizer(text, add_special_tokens=False)`` to positions in ``self.tokens(text)``."""
+        return len(self.tokens(text)) - len(self.model.tokenize(text))
 
     # -- running --------------------------------------------------------------------------------
     def passes(self, probe: dict, index: int) -> Iterator[ForwardPass]:

@@ -293,7 +293,7 @@ class Contextual(Detector):
         end = start + len(text)
         offsets = self.model.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         inside = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
-        shift = 1 if self.prepend_bos else 0
+        shift = self.bos_shift(prompt)
         return inside[0] + shift, inside[-1] + 1 + shift
 
     # -- running --------------------------------------------------------------------------------

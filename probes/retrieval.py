@@ -260,7 +260,7 @@ class Retrieval(Detector):
         last = first + len(needle)
         spans = self.model.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         inside = [i for i, (a, b) in enumerate(spans) if a < last and b > first]
-        shift = 1 if self.prepend_bos else 0
+        shift = self.bos_shift(prompt)
         return inside[0] + shift, inside[-1] + 1 + shift
 
     # -- running --------------------------------------------------------------------------------

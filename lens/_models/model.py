@@ -7,9 +7,12 @@ Two views of the same weights:
   made on first use, for hook-based exploration and full caches in notebooks. The bridge rewires the
   model it wraps (eager attention, its own modules), which is why it gets its own copy.
 
-BOS policy: the workbench tokenizes text exactly as given (``prepend_bos=False``), special-token
-strings included. ``bridge.to_tokens`` prepends the tokenizer's BOS (``<|im_start|>`` on SmolLM2) by
-default, and would double it on chat-formatted text.
+BOS policy (``model.tokenize(text, bos=...)``): ``"never"`` (the default of ``tokenize``) gives the text
+exactly as given, special-token strings included; ``"always"`` puts the tokenizer's BOS first;
+``"auto"`` (the default of every detector and of ``lens.census``) does what the tokenizer itself does
+with ``add_special_tokens=True``: Gemma 3 adds ``<bos>``, SmolLM2 adds nothing. Text that already
+starts with BOS never gets a second one. ``bridge.to_tokens`` prepends the tokenizer's BOS
+(``<|im_start|>`` on SmolLM2) by default, and would double it on chat-formatted text.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from lens._capture.attention import ATTENTION_IMPLEMENTATION, register_attention
 from lens._models.architectures import ArchitectureAdapter, adapter_for
 from lens._models.catalog import CATALOG, cached_fingerprint, ensure_cached, known_models
 from lens._models.fingerprint import weights_fingerprint
+
+
+BOS_POLICIES = ("auto", "always", "never")
 
 
 class UnknownModelError(ValueError):
@@ -73,13 +79,20 @@ class Model:
     def device(self) -> torch.device:
         return next(self.hf.parameters()).device
 
-    def tokenize(self, text: str, *, prepend_bos: bool = False) -> Tensor:
-        """Token ids of ``text`` exactly as given (special-token strings count as special tokens)."""
+    def tokenize(self, text: str, *, bos: str = "never") -> Tensor:
+        """Token ids of ``text`` (special-token strings count as special tokens), with a BOS first per
+        ``bos``: ``"never"`` (the text exactly as given), ``"always"``, or ``"auto"`` (where the
+        tokenizer adds one itself). A text that already starts with BOS gets no second one."""
+        if bos not in BOS_POLICIES:
+            raise ValueError(f"bos must be one of {', '.join(BOS_POLICIES)}, got {bos!r}")
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if prepend_bos:
-            if self.tokenizer.bos_token_id is None:
+        bos_id = self.tokenizer.bos_token_id
+        # The tokenizer's own policy: what it puts before an empty text when asked for special tokens.
+        wanted = bos == "always" or (bos == "auto" and bos_id is not None and self.tokenizer("")["input_ids"][:1] == [bos_id])
+        if wanted and ids[:1] != [bos_id]:
+            if bos_id is None:
                 raise ValueError(f"{self.name} has no BOS token to prepend")
-            ids = [self.tokenizer.bos_token_id, *ids]
+            ids = [bos_id, *ids]
         return torch.tensor(ids, dtype=torch.long)
 
     def check_length(self, n_tokens: int, what: str = "prompt") -> None:

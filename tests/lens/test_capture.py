@@ -130,7 +130,7 @@ def test_gemma3_sliding_window_layers_equal_eager_attention(eager_reference, mon
     # shapes, and over five of Gemma's layers that float32 noise reaches 2e-5 in the first global layer.
     monkeypatch.setattr("lens._capture.attention.ROWS_PER_BLOCK", 4096)
     gemma = lens.load("gemma3-270m")
-    tokens = gemma.tokenize(" ".join(f"item{i} is number {i}." for i in range(120)), prepend_bos=True)
+    tokens = gemma.tokenize(" ".join(f"item{i} is number {i}." for i in range(120)), bos="always")
     assert len(tokens) > 2 * gemma.hf.config.sliding_window
     layers = [gemma.info.layer_types.index("sliding_attention"), gemma.info.layer_types.index("full_attention")]
     rows = {}

@@ -82,6 +82,27 @@ def test_census_end_to_end_via_python_m(tmp_path):
     assert "tiny-llama" in runs.stdout and "sinks" in runs.stdout
 
 
+def test_bos_flag_is_used_and_recorded(capsys, tmp_path):
+    import lens
+
+    path = tmp_path / "probes.jsonl"
+    path.write_text(json.dumps({"text": "A short probe about rivers and bridges, and the boats under them."}) + "\n")
+    store = tmp_path / "store"
+    for policy in ("always", "never"):
+        code, _, err = _run(capsys, "census", "--model", "tiny-llama", "--detectors", "sinks", "--probes-file", str(path), "--store", str(store), "--bos", policy)
+        assert code == 0, err
+    runs = lens.ReportStore(store).runs().set_index("bos")
+    assert runs.loc["always", "bos_added"] and not runs.loc["never", "bos_added"]
+    assert set(runs["bos_token"]) == {"<|im_start|>"}
+    # The first token the sinks detector saw is the BOS under "always" and the text's first word under "never".
+    first = {policy: lens.ReportStore(store).read("sinks", run_id=runs.loc[policy, "run_id"])["first_token"].iloc[0] for policy in ("always", "never")}
+    assert first == {"always": "<|im_start|>", "never": "A"}
+    assert "always" in _run(capsys, "runs", "--store", str(store))[1]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["census", "--model", "tiny-llama", "--bos", "sometimes", "--store", str(store)])
+    assert exit_info.value.code == 2 and "invalid choice: 'sometimes'" in capsys.readouterr().err
+
+
 def test_models_and_detectors_lists(capsys):
     assert _run(capsys, "models")[1].count("smollm2-135m") == 1
     assert "sinks" in _run(capsys, "detectors")[1]

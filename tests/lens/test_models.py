@@ -30,10 +30,30 @@ def test_tokenize_exactly_as_given(smollm2):
     chat = "<|im_start|>user\nhi<|im_end|>\n"
     ids = smollm2.tokenize(chat).tolist()
     assert ids[0] == smollm2.tokenizer.bos_token_id and ids.count(smollm2.tokenizer.bos_token_id) == 1
-    assert smollm2.tokenize(chat, prepend_bos=True).tolist() == [smollm2.tokenizer.bos_token_id, *ids]
+    # Chat text starts with SmolLM2's BOS (<|im_start|>): no policy doubles it.
+    assert smollm2.tokenize(chat, bos="always").tolist() == ids == smollm2.tokenize(chat, bos="auto").tolist()
     # The bridge prepends BOS by default: on chat text it doubles it.
     bridge_ids = smollm2.bridge.to_tokens(chat)[0].tolist()
     assert bridge_ids[:2] == [smollm2.tokenizer.bos_token_id] * 2
+
+
+@pytest.mark.parametrize("name, adds_bos", [("smollm2-135m", False), ("gemma3-270m", True)])
+def test_bos_policy_follows_each_tokenizer(name, adds_bos):
+    model = lens.load(name)
+    text = "Rivers and bridges."
+    bos_id = model.tokenizer.bos_token_id
+    plain = model.tokenize(text).tolist()
+    assert plain == model.tokenize(text, bos="never").tolist() == model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    # auto does what the tokenizer does with its special tokens: Gemma 3 adds <bos>, SmolLM2 nothing.
+    assert model.tokenize(text, bos="auto").tolist() == model.tokenizer(text)["input_ids"] == ([bos_id] if adds_bos else []) + plain
+    assert model.tokenize(text, bos="always").tolist() == [bos_id, *plain]
+    # A text that already starts with the BOS string gets no second one under any policy.
+    marked = model.tokenizer.bos_token + text
+    for policy in ("auto", "always", "never"):
+        ids = model.tokenize(marked, bos=policy).tolist()
+        assert ids[0] == bos_id and ids.count(bos_id) == 1 and ids[1:] == plain
+    with pytest.raises(ValueError, match="bos must be one of auto, always, never"):
+        model.tokenize(text, bos="sometimes")
 
 
 def test_bridge_logits_equal_transformers(smollm2, eager_reference):
