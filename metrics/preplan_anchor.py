@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
@@ -125,11 +126,21 @@ def preceded_at(marks: Bool[Tensor, " token"], offset: int) -> Bool[Tensor, " to
     return result
 
 
-def lift(event: Bool[Tensor, " token"], condition: Bool[Tensor, " token"]) -> float:
-    """P(event | condition) / P(event); NaN when either is undefined."""
-    if not bool(condition.any()) or not bool(event.any()):
-        return math.nan
-    return float(event[condition].double().mean() / event.double().mean())
+def ratio_of_sums(numerator: Float[np.ndarray, "*resample unit"], denominator: Float[np.ndarray, "*resample unit"], axis: int = -1) -> Float[np.ndarray, "*resample"]:
+    """sum(numerator) / sum(denominator) over units: a share pooled over probes."""
+    return numerator.sum(axis=axis) / denominator.sum(axis=axis)
+
+
+def pooled_lift(
+    both: Float[np.ndarray, "*resample unit"],
+    condition: Float[np.ndarray, "*resample unit"],
+    event: Float[np.ndarray, "*resample unit"],
+    total: Float[np.ndarray, "*resample unit"],
+    axis: int = -1,
+) -> Float[np.ndarray, "*resample"]:
+    """``lift`` from per-unit counts (event and condition, condition, event, tokens), pooled over units:
+    (sum both / sum condition) / (sum event / sum total)."""
+    return (both.sum(axis=axis) / condition.sum(axis=axis)) / (event.sum(axis=axis) / total.sum(axis=axis))
 
 
 def locally_dominated(

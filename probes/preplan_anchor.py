@@ -28,6 +28,7 @@ import math
 import unicodedata
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
@@ -37,7 +38,7 @@ from lens._generate import chat_prompt, generate
 from lens._store.schema import Column, ReportSchema
 from lens._store.store import Report
 from metrics import preplan_anchor as pa
-from probes._base import Detector, ForwardPass, Params, ProbeError, builtin_probe_file, register, summary_report
+from probes._base import Claim, Detector, ForwardPass, Params, ProbeError, builtin_probe_file, register, summary_report
 
 VARIANTS = ("all", "no_sink")
 
@@ -167,11 +168,16 @@ class PreplanAnchor(Detector):
 
     # -- probes ---------------------------------------------------------------------------------
     def builtin_probes(self) -> list[dict]:
+        """``n_probes`` problems: the templates in order, cycled with fresh numbers past the last one
+        (numbers drawn from the run's seed)."""
+        templates = builtin_probe_file("preplan_problems.jsonl")
         probes = []
-        for template in builtin_probe_file("preplan_problems.jsonl")[: self.params.n_probes]:
+        for index in range(self.params.n_probes):
+            template = templates[index % len(templates)]
             numbers = {"a": self.rng.randint(12, 48), "b": self.rng.randint(2, 11), "c": self.rng.randint(3, 19)}
             question = template["template"].format(**numbers)
-            probes.append({"id": template["id"], "prompt": chat_prompt(self.model, question)})
+            draw = index // len(templates)
+            probes.append({"id": template["id"] + (f"-{draw + 1}" if draw else ""), "prompt": chat_prompt(self.model, question)})
         return probes
 
     def check_probe(self, probe, where: str) -> dict:
@@ -337,16 +343,16 @@ class PreplanAnchor(Detector):
             }))
             frames = [self._token_frame(trace, variant, local, global_) for trace in self.traces]
             token_frames += frames
-            summary += self._summary(variant, pd.concat(frames, ignore_index=True), distance, local, global_, first_token)
+            summary += self._summary(variant, pd.concat(frames, ignore_index=True), local, global_)
         reports = [
             Report("head_locality", pd.concat(locality, ignore_index=True) if locality else HEAD_LOCALITY.empty_frame()),
             Report("reasoning_tokens", pd.concat(token_frames, ignore_index=True) if token_frames else REASONING_TOKENS.empty_frame()),
             Report("locality_excerpt", self.excerpt if self.excerpt is not None else LOCALITY_EXCERPT.empty_frame()),
         ]
-        summary.append(("n_probes", float(len(self.traces)), f"responses analysed ({self.n_skipped} skipped: fewer than 2 response tokens)"))
-        summary.append(("n_response_tokens", float(n_tokens), "response tokens over all probes"))
+        summary.append(Claim.count(f"{self.name}.n_probes", len(self.traces), "probes", f"responses analysed ({self.n_skipped} skipped: fewer than 2 response tokens)"))
+        summary.append(Claim.count(f"{self.name}.n_response_tokens", n_tokens, "tokens", "response tokens over all probes"))
         # A statistic undefined on this run (e.g. no anchors in responses shorter than the FAI window) is left out.
-        return [*reports, summary_report([row for row in summary if not math.isnan(row[1])])]
+        return [*reports, summary_report([claim for claim in summary if not math.isnan(claim.estimate)])]
 
     def _token_frame(self, trace: Trace, variant: str, local: Tensor, global_: Tensor) -> pd.DataFrame:
         params = self.params
@@ -369,42 +375,74 @@ class PreplanAnchor(Detector):
             "sink_keys": ",".join(map(str, trace.sinks)),
         })
 
-    def _summary(self, variant, tokens: pd.DataFrame, distance, local, global_, first_token) -> list[tuple[str, float, str]]:
-        """The paper's descriptive statistics, pooled over every response token of every probe."""
-        params = self.params
-        tag = f"[{variant}]"
-        preplan = torch.tensor(tokens["is_preplan"].to_numpy())
-        anchor = torch.tensor(tokens["is_anchor"].to_numpy())
-        # Windows never cross probes: shift within each response, then pool.
-        def pooled(shift) -> Tensor:
-            return torch.cat([shift(torch.tensor(group["is_preplan"].to_numpy())) for _, group in tokens.groupby("probe_id", sort=False)])
+    def _summary(self, variant: str, tokens: pd.DataFrame, local: Tensor, global_: Tensor) -> list[Claim]:
+        """The paper's descriptive statistics. The probe (one response) is the sampling unit: pooled
+        ratios get a cluster bootstrap over probes, contrasts a paired difference per probe."""
+        params, seed = self.params, self.seed
+        responses = [group for _, group in tokens.groupby("probe_id", sort=False)]
 
-        rows = []
+        def name(what: str) -> str:
+            return f"{self.name}.{what}[{variant}]"
+
+        def column(group: pd.DataFrame, label: str) -> Tensor:
+            return torch.tensor(group[label].to_numpy())
+
+        def per_probe(count) -> np.ndarray:
+            return np.array([float(count(group)) for group in responses])
+
+        def share(claim: str, part, whole, detail: str) -> Claim:
+            """Pooled share sum(part) / sum(whole), resampling probes."""
+            return Claim.pooled(claim, pa.ratio_of_sums, (per_probe(part), per_probe(whole)), "probes", detail, seed=seed)
+
+        def anchor(group):
+            return column(group, "is_anchor")
+
+        claims = []
         for k in range(1, params.coupling_k + 1):
-            rows.append((f"lift_within_{k}{tag}", pa.lift(anchor, pooled(lambda m: pa.preceded_within(m, k))),
-                         f"P(anchor | preplan 0..{k} tokens before) / P(anchor)"))
+            claims.append(self._lift(name(f"lift_within_{k}"), responses, lambda m, k=k: pa.preceded_within(m, k),
+                                     f"P(anchor | preplan 0..{k} tokens before) / P(anchor); 1 = no coupling"))
         for k in range(0, params.coupling_k + 1):
-            rows.append((f"lift_at_{k}{tag}", pa.lift(anchor, pooled(lambda m: pa.preceded_at(m, k))),
-                         f"P(anchor | preplan exactly {k} tokens before) / P(anchor)"))
-        has_delta = torch.tensor(tokens["delta_waad"].notna().to_numpy())
-        for column, what in (("next_entropy", "next-token entropy (nats) at this position"), ("token_entropy", "entropy (nats) of the distribution the token came from")):
-            values = torch.tensor(tokens[column].to_numpy())
-            at_peak, elsewhere = values[preplan & has_delta].mean(), values[~preplan & has_delta].mean()
-            rows += [
-                (f"{column}_preplan{tag}", float(at_peak), f"mean {what}, preplan tokens (WAAD peaks)"),
-                (f"{column}_other{tag}", float(elsewhere), f"mean {what}, other tokens with a defined delta_waad"),
-                (f"{column}_ratio{tag}", float(at_peak / elsewhere), "preplan mean / other mean"),
-            ]
-        punctuation = torch.tensor(tokens["is_punctuation"].to_numpy())
-        rows += [
-            (f"punctuation_share_anchors{tag}", float(punctuation[anchor].double().mean()), "share of anchors that are punctuation"),
-            (f"punctuation_share_all{tag}", float(punctuation.double().mean()), "share of all response tokens that are punctuation"),
-            (f"coupled_share{tag}", float(torch.tensor(tokens["coupled"].to_numpy())[anchor].double().mean()), f"share of anchors with a preplan token 0..{params.coupling_k} before"),
-            (f"locally_dominated_share{tag}", float(torch.tensor(tokens["locally_dominated"].to_numpy())[anchor].double().mean()),
-             f"share of anchors with WAAD <= quantile {params.local_waad_quantile:g} of the response, 1..{params.coupling_k} after a preplan token"),
-            (f"fai_mean_anchors{tag}", float(tokens.loc[tokens["is_anchor"], "fai" if params.anchor_fai == "window" else "fai_all"].mean()), "mean FAI of anchor tokens"),
-            (f"d_local{tag}", float(distance[local].mean()), f"mean d of the {int(local.sum())} local heads (bottom {params.share:g})"),
-            (f"d_global{tag}", float(distance[global_].mean()), f"mean d of the {int(global_.sum())} global heads (top {params.share:g})"),
-            (f"first_token_attention_global{tag}", float(first_token[global_].mean()), "mean raw attention of the global heads on the first token"),
+            claims.append(self._lift(name(f"lift_at_{k}"), responses, lambda m, k=k: pa.preceded_at(m, k),
+                                     f"P(anchor | preplan exactly {k} tokens before) / P(anchor); 1 = no coupling"))
+        for label, what in (("next_entropy", "next-token entropy (nats) at the token"), ("token_entropy", "entropy (nats) of the distribution the token came from")):
+            at_peak, elsewhere = [], []
+            for group in responses:
+                defined = group["delta_waad"].notna().to_numpy()
+                preplan = group["is_preplan"].to_numpy()
+                at_peak.append(group.loc[preplan & defined, label].mean())
+                elsewhere.append(group.loc[~preplan & defined, label].mean())
+            claims.append(Claim.paired(name(f"{label}_preplan_minus_other"), at_peak, elsewhere, "probes",
+                                       f"mean {what} at preplan tokens (WAAD peaks) minus at other tokens, per response", seed=seed))
+        claims += [
+            Claim.paired(name("punctuation_share_anchors_minus_all"),
+                         per_probe(lambda g: column(g, "is_punctuation")[anchor(g)].double().mean()),
+                         per_probe(lambda g: column(g, "is_punctuation").double().mean()), "probes",
+                         "share of anchors that are punctuation minus share of all response tokens, per response", seed=seed),
+            share(name("coupled_share"), lambda g: column(g, "coupled").sum(), lambda g: anchor(g).sum(),
+                  f"share of anchors with a preplan token 0..{params.coupling_k} before"),
+            share(name("locally_dominated_share"), lambda g: column(g, "locally_dominated").sum(), lambda g: anchor(g).sum(),
+                  f"share of anchors with WAAD <= quantile {params.local_waad_quantile:g} of the response, 1..{params.coupling_k} after a preplan token"),
+            share(name("fai_mean_anchors"), lambda g: g.loc[g["is_anchor"], "fai" if params.anchor_fai == "window" else "fai_all"].sum(),
+                  lambda g: anchor(g).sum(), "mean FAI of anchor tokens"),
         ]
-        return rows
+        for group_name, heads in (("local", local), ("global", global_)):
+            claims.append(Claim.pooled(
+                name(f"d_{group_name}"), pa.ratio_of_sums,
+                (np.array([float(t.distance[variant][heads].mean()) for t in self.traces]), np.array([len(t.tokens) for t in self.traces], dtype=float)),
+                "probes", f"mean d of the {int(heads.sum())} {group_name} heads (share {params.share:g})", seed=seed,
+            ))
+        claims.append(Claim.pooled(
+            name("first_token_attention_global"), pa.ratio_of_sums,
+            (np.array([float(t.first_token[global_].mean()) for t in self.traces]), np.array([len(t.tokens) for t in self.traces], dtype=float)),
+            "probes", "mean raw attention of the global heads on the first token", seed=seed,
+        ))
+        return claims
+
+    def _lift(self, claim: str, responses: list[pd.DataFrame], condition, detail: str) -> Claim:
+        """Lift pooled over every response token, with responses resampled (windows never cross probes)."""
+        both, given, anchors, total = (np.zeros(len(responses)) for _ in range(4))
+        for i, group in enumerate(responses):
+            anchor = torch.tensor(group["is_anchor"].to_numpy())
+            cond = condition(torch.tensor(group["is_preplan"].to_numpy()))
+            both[i], given[i], anchors[i], total[i] = int((anchor & cond).sum()), int(cond.sum()), int(anchor.sum()), len(group)
+        return Claim.pooled(claim, pa.pooled_lift, (both, given, anchors, total), "probes", detail, seed=self.seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from metrics import preplan_anchor as pa
@@ -111,10 +112,23 @@ def test_coupling_offsets_and_lift():
     assert torch.nonzero(pa.preceded_within(preplan, 2)).flatten().tolist() == [0, 1, 2, 5, 6, 7]
     assert torch.nonzero(pa.preceded_within(preplan, 2, first=1)).flatten().tolist() == [1, 2, 6, 7]
     assert not pa.preceded_at(preplan, 20).any()
+
+
+    def counts(event, condition):
+        return [np.array([float(x)]) for x in ((event & condition).sum(), condition.sum(), event.sum(), len(event))]
+
     # P(anchor | preplan exactly 1 before) = 1, P(anchor) = 0.3.
-    assert math.isclose(pa.lift(anchor, pa.preceded_at(preplan, 1)), 1 / 0.3)
-    assert math.isclose(pa.lift(anchor, pa.preceded_at(preplan, 0)), 0.0)
-    assert math.isnan(pa.lift(anchor, torch.zeros(10, dtype=torch.bool)))
+    assert math.isclose(float(pa.pooled_lift(*counts(anchor, pa.preceded_at(preplan, 1)))), 1 / 0.3)
+    assert math.isclose(float(pa.pooled_lift(*counts(anchor, pa.preceded_at(preplan, 0)))), 0.0)
+    with np.errstate(invalid="ignore"):
+        assert math.isnan(float(pa.pooled_lift(*counts(anchor, torch.zeros(10, dtype=torch.bool)))))
+    # Pooled over two responses = the lift of their concatenated tokens (windows shifted within each).
+    first, second = counts(anchor, pa.preceded_within(preplan, 2)), counts(anchor[:6], pa.preceded_within(preplan[:6], 2))
+    pooled = pa.pooled_lift(*(np.concatenate([a, b]) for a, b in zip(first, second)))
+    joined_event = torch.cat([anchor, anchor[:6]])
+    joined_condition = torch.cat([pa.preceded_within(preplan, 2), pa.preceded_within(preplan[:6], 2)])
+    direct = joined_event[joined_condition].double().mean() / joined_event.double().mean()
+    assert math.isclose(float(pooled), float(direct))
 
 
 def test_locally_dominated_anchors():

@@ -118,13 +118,21 @@ def test_excerpt_and_summary(census_run, reference_outputs):
         torch.testing.assert_close(torch.tensor(cells["attention"].to_numpy()), expected.double(), atol=1e-5, rtol=0)
     assert (excerpt["key_pos"] <= excerpt["query_pos"]).all() and excerpt["query_pos"].min() == max(0, attention.shape[-1] - 128)
 
-    summary = store.read("summary", run_id=result.run_id).set_index("claim")["estimate"]
+    summary = store.read("summary", run_id=result.run_id).set_index("claim")
     rows = store.read("reasoning_tokens", run_id=result.run_id).query("variant == 'no_sink'")
+    per_probe = rows.groupby("probe_id")
+    punctuation = per_probe.apply(lambda g: g.loc[g["is_anchor"], "is_punctuation"].mean() - g["is_punctuation"].mean())
+    claim = summary.loc["preplan_anchor.punctuation_share_anchors_minus_all[no_sink]"]
+    assert claim["estimate"] == pytest.approx(punctuation.mean()) and claim["n"] == 2 and claim["unit"] == "probes"
+    defined = rows[rows["delta_waad"].notna()]
+    entropy = defined.groupby("probe_id").apply(
+        lambda g: g.loc[g["is_preplan"], "next_entropy"].mean() - g.loc[~g["is_preplan"], "next_entropy"].mean())
+    claim = summary.loc["preplan_anchor.next_entropy_preplan_minus_other[no_sink]"]
+    assert claim["estimate"] == pytest.approx(entropy.mean()) and 0 <= claim["p_value"] <= 1
     anchors = rows[rows["is_anchor"]]
-    assert summary["punctuation_share_anchors[no_sink]"] == pytest.approx(anchors["is_punctuation"].mean())
-    preplan, other = rows[rows["is_preplan"]], rows[~rows["is_preplan"] & rows["delta_waad"].notna()]
-    assert summary["next_entropy_ratio[no_sink]"] == pytest.approx(preplan["next_entropy"].mean() / other["next_entropy"].mean())
-    assert summary["n_probes"] == 2
+    coupled = summary.loc["preplan_anchor.coupled_share[no_sink]"]
+    assert coupled["estimate"] == pytest.approx(anchors["coupled"].mean()) and coupled["ci_low"] <= coupled["estimate"] <= coupled["ci_high"]
+    assert summary.loc["preplan_anchor.n_probes", "estimate"] == 2
 
     for name in ("preplan_anchor.token_strip", "preplan_anchor.head_map", "preplan_anchor.attention_maps"):
         figure = render(store, name, run_id=result.run_id)
