@@ -7,6 +7,7 @@ Public surface (implementation modules are private):
   ``Logits`` and interventions ``ZeroQuery``, ``AddToQuery``, ``ScaleSinks``, ``ReplaceZ``
 - store: ``ReportStore(path)``, ``Report``
 - census: ``census(model, detectors, store, ...)``
+- exploring: ``show_attention(model, text, layer, head)``, any head's attention on your own text
 """
 
 from lens._capture.interventions import AddToQuery, Intervention, ReplaceZ, ScaleSinks, ZeroQuery
@@ -18,6 +19,7 @@ from lens._store.schema import ReportSchema, SchemaMismatchError
 from lens._store.store import Report, ReportStore, StoreError
 from lens._census import CensusResult, census
 from lens._generate import Generation, chat_prompt, generate
+from lens._explorer import attention_explorer, show_attention
 
 __version__ = "0.1.0"
 
@@ -33,6 +35,8 @@ __all__ = [
     "generate",
     "Generation",
     "AddToQuery",
+    "attention_explorer",
+    "show_attention",
     "AttentionBlock",
     "AttentionRows",
     "DEFAULT_MODEL",
