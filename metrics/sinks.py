@@ -1,6 +1,7 @@
 """Attention-sink statistics.
 
-- Sink_1^eps (Gu et al., "When Attention Sink Emerges in Language Models", ICLR 2025);
+- Sink_k^eps (Gu et al., "When Attention Sink Emerges in Language Models", ICLR 2025; code
+  sail-sg/Attention-Sink), thresholded per prompt before averaging, as the reference does;
 - token-level sinks and the first detected sink (ACT, "Unveiling and Harnessing Hidden Attention Sinks");
 - the layers where the first-token sink is active and the later tokens aligned with it, labelled by
   lifetime (Wong et al., "Secondary Attention Sinks");
@@ -14,9 +15,19 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 
-def sink_rate(sink_scores: Float[Tensor, "layer head"], eps: float) -> float:
-    """Sink_1^eps: percent of (layer, head) pairs whose first-token importance exceeds ``eps``."""
-    return float((sink_scores > eps).double().mean() * 100.0)
+def sink_rate_per_prompt(importance: Float[Tensor, "prompt layer head"], eps: float) -> Float[Tensor, " prompt"]:
+    """Per prompt, the percent of (layer, head) pairs whose importance of the key exceeds ``eps``.
+
+    Gu et al. threshold each prompt first (``eval_sink_open_source.py``: ``importance > epsilon``
+    per sample, layer and head), so a head that is a strong sink on half the prompts and none on
+    the others counts on half of them, whatever its mean importance."""
+    return (importance > eps).double().mean(dim=(1, 2)) * 100.0
+
+
+def sink_rate(importance: Float[Tensor, "prompt layer head"], eps: float) -> float:
+    """Sink_k^eps (Gu et al. 2025): percent of (prompt, layer, head) triples whose importance of key
+    k (mean over t >= k of A[t, k]) exceeds ``eps``; the mean of ``sink_rate_per_prompt``."""
+    return float(sink_rate_per_prompt(importance, eps).mean())
 
 
 def sink_mask(

@@ -151,6 +151,29 @@ def cluster_interval(
                     f"cluster (by unit) percentile bootstrap {confidence:.0%} interval, {n_resamples} resamples, seed {seed}")
 
 
+def column_mean_intervals(
+    values: Float[np.ndarray, "unit column"],
+    *,
+    seed: int = 0,
+    confidence: float = CONFIDENCE,
+    n_resamples: int = N_RESAMPLES,
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """Per column, a percentile bootstrap interval of the mean over units (rows): (low, high, method).
+
+    For head tables (a score per probe and head): one resample of the probes serves every head, as
+    a multinomial count per probe, so 270 heads cost one matrix product. Fewer than two units: NaN."""
+    values = np.asarray(values, dtype=np.float64)
+    n = values.shape[0]
+    if n < 2:
+        nan = np.full(values.shape[1:], np.nan)
+        return nan, nan.copy(), "fewer than two units: no interval"
+    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_resamples)
+    means = np.tensordot(counts, values, axes=(1, 0)) / n
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(means, [tail, 1 - tail], axis=0)
+    return low, high, f"percentile bootstrap {confidence:.0%} interval over units, {n_resamples} resamples, seed {seed}"
+
+
 def proportion_interval(successes: int, n: int, *, confidence: float = CONFIDENCE) -> Interval:
     """A fraction of n independent units (for example heads above a threshold) with its Wilson
     score interval, which behaves at 0 and 1 where a bootstrap collapses."""

@@ -9,8 +9,10 @@ One forward pass per probe collects, reduced layer by layer inside the pass:
   (``LogitChunks``; a custom metric gets all the logits at once).
 
 Reports:
-- ``sinks``: sink_score[l, h] = mean over queries of A[t, 0], then over prompts (Gu et al. 2025);
-  Sink_1^eps = percent of heads over eps (0.3).
+- ``sinks``: per head, the first token's importance (mean over queries of A[t, 0]) averaged over prompts
+  with its bootstrap interval over prompts, and the percent of prompts where it exceeds eps (0.3).
+  Sink_1^eps (Gu et al. 2025) thresholds each prompt first, then averages the indicator over prompts,
+  layers and heads (``summary``: ``sinks.sink_rate``, interval by bootstrap over prompts).
 - ``sink_tokens``: ACT's token-level sinks, importance sum_t A[t, s] / (T - s) > tau (0.1), keys seen by
   at least ``min_queries`` queries; the first detected sink of each head is marked ``is_first``.
 - ``secondary_sinks``: positions whose hidden state is aligned (|cos| > 0.9) with the first token's in
@@ -27,6 +29,7 @@ from collections import Counter
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
@@ -50,9 +53,10 @@ from metrics.sinks import (
     lifetime_thresholds,
     raised_layers,
     sink_mask,
-    sink_rate,
+    sink_rate_per_prompt,
 )
-from probes._base import Detector, ForwardPass, ProbeError, Params, builtin_probe_file, register, summary_report
+from metrics.uncertainty import column_mean_intervals
+from probes._base import Claim, Detector, ForwardPass, ProbeError, Params, builtin_probe_file, register, summary_report
 
 Metric = Callable[[Float[Tensor, "pos vocab"], Int[Tensor, " pos"]], float]
 
@@ -66,12 +70,16 @@ SINKS = ReportSchema(
     (
         Column("layer", "int64", "layer index, from 0"),
         Column("head", "int64", "query-head index within the layer, from 0"),
-        Column("sink_score", "float64", "attention on the first token, mean over all query positions, then over prompts"),
-        Column("is_sink", "bool", "sink_score > eps"),
+        Column("sink_score", "float64", "importance of the first token (attention on it, mean over all query positions), mean over prompts"),
+        Column("ci_low", "float64", "lower end of the 95% bootstrap interval of sink_score over prompts (NaN with one prompt)", nullable=True),
+        Column("ci_high", "float64", "upper end of that interval", nullable=True),
+        Column("sink_rate", "float64", "percent of prompts where the head's first-token importance exceeds eps (Gu et al.'s indicator, per prompt)"),
+        Column("is_sink", "bool", "sink_rate > 50: the head is a first-token sink on most prompts"),
         Column("eps", "float64", "the threshold used"),
         Column("sink_mass_first4", "float64", "attention on the first 4 tokens (StreamingLLM's window), mean over queries and prompts"),
         Column("first_token", "string", "text of the first token, the most common one if prompts differ"),
         Column("n_prompts", "int64", "prompts averaged over"),
+        Column("n_tokens", "int64", "tokens read per prompt (0: each whole prompt; 64: Gu et al.'s protocol, the first 64)"),
     ),
 )
 
@@ -150,8 +158,18 @@ SINK_CALIBRATION = ReportSchema(
 )
 
 
+PROBE_SETS = ("quick", "full")
+QUICK_PER_KIND = 1
+
+
 @dataclass
 class SinkParams(Params):
+    # Built-in probes: "quick" (the census default: the first QUICK_PER_KIND texts of each kind) or
+    # "full" (every text of probes/data/sinks.jsonl).
+    probe_set: str = "quick"
+    # Tokens read per probe: 0 reads each whole probe; 64 is Gu et al.'s protocol (the first 64 tokens
+    # of each probe, which must have at least that many).
+    n_tokens: int = 0
     eps: float = 0.3
     n_prefix: int = 4
     tau: float = 0.1
@@ -170,6 +188,10 @@ class SinkParams(Params):
     calibrate: bool = True
 
     def __post_init__(self):
+        if self.probe_set not in PROBE_SETS:
+            raise ProbeError(f"parameter sinks.probe_set: expected 'quick' or 'full', got {self.probe_set!r}")
+        if self.n_tokens < 0:
+            raise ProbeError(f"parameter sinks.n_tokens: expected 0 (whole probes) or a positive count, got {self.n_tokens}")
         if self.active_rule not in ("ratio", "jump"):
             raise ProbeError(f"parameter sinks.active_rule: expected 'ratio' or 'jump', got {self.active_rule!r}")
 
@@ -210,17 +232,39 @@ class Sinks(Detector):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         info = self.model.info
-        self._sink_scores = torch.zeros(info.n_layers, info.n_heads, dtype=torch.float64)
-        self._prefix_mass = torch.zeros_like(self._sink_scores)
+        # Per probe, in order: its id, the first token's importance and the first-4 mass per (layer, head).
+        self._probe_ids: list[str] = []
+        self._first_importance: list[Tensor] = []
+        self._prefix_mass: list[Tensor] = []
         self._first_tokens: Counter[str] = Counter()
-        self._n_prompts = 0
+        self._n_layers, self._n_heads = info.n_layers, info.n_heads
         self._rows: dict[str, list[pd.DataFrame]] = {schema.name: [] for schema in self.reports if schema.name != "sinks"}
 
     def builtin_probes(self) -> list[dict]:
-        return builtin_probe_file("sinks.jsonl")
+        probes = builtin_probe_file("sinks.jsonl")
+        if self.params.probe_set == "full":
+            return probes
+        seen: Counter[str] = Counter()
+        quick = []
+        for probe in probes:
+            seen[probe["kind"]] += 1
+            if seen[probe["kind"]] <= QUICK_PER_KIND:
+                quick.append(probe)
+        return quick
+
+    def check_probe(self, probe, where: str) -> dict:
+        probe = super().check_probe(probe, where)
+        n_tokens = self.params.n_tokens
+        if n_tokens and len(self.tokens(probe["text"])) < n_tokens:
+            raise ProbeError(
+                f"{where}: {len(self.tokens(probe['text']))} tokens, fewer than sinks.n_tokens={n_tokens} (every probe must have at least that many)"
+            )
+        return probe
 
     def passes(self, probe: dict, index: int):
         tokens = self.tokens(probe["text"])
+        if self.params.n_tokens:
+            tokens = tokens[: self.params.n_tokens]
         probe_id = str(probe.get("id", index))
         info = self.model.info
         n_layers, seq_len = info.n_layers, len(tokens)
@@ -287,10 +331,10 @@ class Sinks(Detector):
         n_layers = self.model.info.n_layers
         texts = self.model.token_strings(tokens)
         importance = key_importance(received)
-        self._sink_scores += importance[..., 0].double()
-        self._prefix_mass += prefix_mass(received, p.n_prefix).double()
+        self._probe_ids.append(probe_id)
+        self._first_importance.append(importance[..., 0].double())
+        self._prefix_mass.append(prefix_mass(received, p.n_prefix).double())
         self._first_tokens[texts[0]] += 1
-        self._n_prompts += 1
 
         n_queries = queries_seeing(len(tokens))
         is_sink = sink_mask(importance, n_queries, p.tau, p.min_queries)
@@ -378,19 +422,27 @@ class Sinks(Detector):
 
     def finish(self) -> list[Report]:
         p = self.params
-        n = max(self._n_prompts, 1)
-        scores, mass = self._sink_scores / n, self._prefix_mass / n
-        layer, head = torch.meshgrid(torch.arange(scores.shape[0]), torch.arange(scores.shape[1]), indexing="ij")
+        n_layers, n_heads = self._n_layers, self._n_heads
+        empty = torch.zeros(0, n_layers, n_heads, dtype=torch.float64)
+        importance = torch.stack(self._first_importance) if self._first_importance else empty
+        mass = torch.stack(self._prefix_mass) if self._prefix_mass else empty
+        low, high, _ = column_mean_intervals(importance.flatten(1).numpy(), seed=self.seed)
+        layer, head = torch.meshgrid(torch.arange(n_layers), torch.arange(n_heads), indexing="ij")
+        rate = (importance > p.eps).double().mean(dim=0) * 100.0
         frame = pd.DataFrame(
             {
                 "layer": layer.flatten().numpy(),
                 "head": head.flatten().numpy(),
-                "sink_score": scores.flatten().numpy(),
-                "is_sink": (scores > p.eps).flatten().numpy(),
+                "sink_score": importance.mean(dim=0).flatten().numpy(),
+                "ci_low": low,
+                "ci_high": high,
+                "sink_rate": rate.flatten().numpy(),
+                "is_sink": (rate > 50.0).flatten().numpy(),
                 "eps": p.eps,
-                "sink_mass_first4": mass.flatten().numpy(),
+                "sink_mass_first4": mass.mean(dim=0).flatten().numpy(),
                 "first_token": self._first_tokens.most_common(1)[0][0] if self._first_tokens else "",
-                "n_prompts": self._n_prompts,
+                "n_prompts": len(importance),
+                "n_tokens": p.n_tokens,
             }
         )
         reports = [Report("sinks", frame)]
@@ -399,11 +451,15 @@ class Sinks(Detector):
             body = pd.concat(parts, ignore_index=True) if parts else schema.empty_frame().drop(columns=["run_id", "model", "detector"])
             reports.append(Report(schema.name, body))
         frames = {r.type: r.frame for r in reports}
-        return reports + [summary_report(self._summary(scores, frames))]
+        return reports + [summary_report(self._summary(importance, frames))]
 
-    def _summary(self, scores: Tensor, frames: dict[str, pd.DataFrame]) -> list[tuple[str, float, str]]:
-        p = self.params
-        n_layers, n_heads = self.model.info.n_layers, self.model.info.n_heads
+    def _per_probe(self, frame: pd.DataFrame) -> np.ndarray:
+        """Rows of ``frame`` per probe, in probe order, 0 for probes with none."""
+        return frame.groupby("probe").size().reindex(self._probe_ids, fill_value=0).to_numpy(dtype=np.float64)
+
+    def _summary(self, importance: Tensor, frames: dict[str, pd.DataFrame]) -> list[Claim]:
+        p, seed = self.params, self.seed
+        n_layers, n_heads = self._n_layers, self._n_heads
         tokens, secondary = frames["sink_tokens"], frames["secondary_sinks"]
         massive, calibration = frames["massive_activations"], frames["sink_calibration"]
         hidden = tokens[~tokens["is_first"]]
@@ -411,27 +467,87 @@ class Sinks(Detector):
         is_secondary = later[later["label"] == "secondary"]
         big = massive[massive["is_massive"]]
         noise_max, primary_min = lifetime_thresholds(n_layers, p.noise_fraction, p.primary_fraction)
-        rows = [
-            (f"sink_rate_eps{p.eps:g}", sink_rate(scores, p.eps), f"Sink_1^{p.eps:g}: percent of {scores.numel()} heads whose first-token score exceeds {p.eps:g}"),
-            ("hidden_sinks", float(len(hidden)), f"(probe, layer, head, position) sinks other than each head's first (score > {p.tau:g}, >= {p.min_queries} queries)"),
-            ("hidden_sink_tokens", float(len(hidden[["probe", "position"]].drop_duplicates())), "distinct (probe, position) that are a hidden sink in some head"),
-            (
-                "heads_with_hidden_sinks",
-                100.0 * len(hidden[["layer", "head"]].drop_duplicates()) / (n_layers * n_heads),
-                "percent of heads with a hidden sink on some probe",
+        read = f"the first {p.n_tokens} tokens of each probe" if p.n_tokens else "each whole probe"
+        hidden_rule = f"score > {p.tau:g}, seen by >= {p.min_queries} queries"
+        claims = [
+            Claim.mean(
+                "sinks.sink_rate",
+                sink_rate_per_prompt(importance, p.eps).numpy(),
+                "probes",
+                f"Sink_1^{p.eps:g} (Gu et al.): percent of (probe, layer, head) where the first token's importance (mean over queries "
+                f"of A[t, 0]) exceeds {p.eps:g}, thresholded per probe; {n_layers * n_heads} heads, {read}",
+                seed=seed,
             ),
-            ("secondary_sinks", float(len(is_secondary)), f"later tokens aligned with the first token for {noise_max:g} < lifetime < {primary_min:g} layers"),
-            ("sink_levels", float(is_secondary["formation_layer"].nunique()), "distinct formation layers of secondary sinks"),
-            ("massive_activations", float(len(big)), f"top-{p.top_k} residual entries per layer and probe with |value| > {p.massive_value:g} and > {p.massive_ratio:g} x median"),
+            Claim.mean(
+                "sinks.first_token_importance",
+                importance.mean(dim=(1, 2)).numpy(),
+                "probes",
+                f"the first token's importance averaged over the {n_layers * n_heads} heads ({read})",
+                seed=seed,
+            ),
+            Claim.mean(
+                "sinks.hidden_sinks_per_probe",
+                self._per_probe(hidden),
+                "probes",
+                f"(layer, head, position) sinks other than each head's first, per probe (ACT: {hidden_rule})",
+                seed=seed,
+            ),
+            Claim.mean(
+                "sinks.hidden_sink_tokens_per_probe",
+                self._per_probe(hidden[["probe", "position"]].drop_duplicates()),
+                "probes",
+                "positions that are a hidden sink in some head, per probe",
+                seed=seed,
+            ),
+            Claim.mean(
+                "sinks.heads_with_hidden_sinks",
+                100.0 * self._per_probe(hidden[["probe", "layer", "head"]].drop_duplicates()) / (n_layers * n_heads),
+                "probes",
+                "percent of heads with at least one hidden sink, per probe",
+                seed=seed,
+            ),
+            Claim.mean(
+                "sinks.secondary_sinks_per_probe",
+                self._per_probe(is_secondary),
+                "probes",
+                f"later tokens aligned with the first token (Wong et al.) for {noise_max:g} < lifetime < {primary_min:g} layers, per probe",
+                seed=seed,
+            ),
+            Claim.count("sinks.sink_levels", is_secondary["formation_layer"].nunique(), "layers", "distinct formation layers of secondary sinks"),
+            Claim.mean(
+                "sinks.massive_activations_per_probe",
+                self._per_probe(big),
+                "probes",
+                f"of the top-{p.top_k} residual entries per layer, those with |value| > {p.massive_value:g} and > {p.massive_ratio:g} x the "
+                "layer's median magnitude (Sun et al.), per probe",
+                seed=seed,
+            ),
         ]
         if len(big):
-            rows.append(("massive_on_sink_tokens", 100.0 * float(big["on_sink_token"].mean()), "percent of massive activations that sit on a sink token"))
+            claims.append(
+                Claim.pooled(
+                    "sinks.massive_on_sink_tokens",
+                    lambda on_sink, total, axis=-1: 100.0 * on_sink.sum(axis=axis) / total.sum(axis=axis),
+                    [self._per_probe(big[big["on_sink_token"]]), self._per_probe(big)],
+                    "probes",
+                    "percent of massive activations that sit on a sink token (any head and layer of the probe)",
+                    seed=seed,
+                )
+            )
         if len(calibration):
-            rows += [
-                ("calibration_before", float(calibration["before"].mean()), f"{calibration['metric'].iloc[0]}, mean over {len(calibration)} calibrated probes"),
-                ("calibration_after", float(calibration["after"].mean()), f"the same with hidden sinks scaled by beta = {p.beta:g}"),
-            ]
-        return rows
+            claims.append(
+                Claim.paired(
+                    "sinks.calibration_effect",
+                    calibration["after"].to_numpy(),
+                    calibration["before"].to_numpy(),
+                    "probes",
+                    f"ACT calibration: {calibration['metric'].iloc[0]} with each head's hidden sinks scaled by beta = {p.beta:g}, minus "
+                    "without, per calibrated probe (negative: calibration helps); probes with no hidden sink are not calibrated",
+                    seed=seed,
+                )
+            )
+        claims.append(Claim.count("sinks.calibrated_probes", len(calibration), "probes", "probes with at least one hidden sink to calibrate"))
+        return claims
 
 
 @dataclass

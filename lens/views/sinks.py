@@ -1,5 +1,6 @@
-"""Views of the sinks detector: which heads park attention on the first token and where in depth; which
-tokens are sinks at which layers; how long tokens aligned with the first token last (secondary sinks)."""
+"""Views of the sinks detector: which heads park attention on the first token and where in depth (with
+each head's 95% interval over probes); which tokens are sinks at which layers; how long tokens aligned
+with the first token last (secondary sinks). Every figure of an estimate says its n."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ def _eps(frame) -> float | None:
     return float(frame["eps"].iloc[0]) if len(frame) else None
 
 
+def _n(frame) -> str:
+    return f"n={int(frame['n_prompts'].iloc[0])} probes" if len(frame) else "n=0"
+
+
 @view("sinks.heatmap", title="First-token sink score per head", reports=("sinks",))
 def heatmap(frames):
     sinks = frames["sinks"]
@@ -24,12 +29,12 @@ def heatmap(frames):
     return layer_head_heatmap(
         sinks,
         "sink_score",
-        title="First-token attention per head (Sink<sub>1</sub>)",
+        title=f"First-token importance per head, mean over probes ({_n(sinks)})",
         colorbar="sink score",
         zmin=0,
         zmax=1,
         mark="is_sink",
-        mark_name=f"sink head (score > {eps:g})" if eps is not None else "sink head",
+        mark_name=f"sink on most probes (importance > {eps:g})" if eps is not None else "sink head",
     )
 
 
@@ -39,7 +44,7 @@ def first_token_mass(frames):
     fig = per_layer(
         sinks,
         "sink_score",
-        title="Attention on the first token, by layer",
+        title=f"Attention on the first token, by layer (mean and range over heads; {_n(sinks)})",
         name="first token",
         color=COLOR,
         axis_title="attention mass",
@@ -53,11 +58,32 @@ def first_token_mass(frames):
 
 
 @view("sinks.top_heads", title="Strongest first-token sinks", reports=("sinks",))
-def top_heads(frames):
+def top_heads(frames, top: int = 20):
+    """The top heads by mean first-token importance, with each head's 95% bootstrap interval over probes
+    as error bars: heads whose bars overlap are ranks the probes cannot tell apart."""
     sinks = frames["sinks"]
-    return ranked_bar(
-        sinks, "sink_score", title="Top heads by first-token sink score", color=COLOR, axis_title="sink score", threshold=_eps(sinks), threshold_label="eps"
+    fig = ranked_bar(
+        sinks,
+        "sink_score",
+        title=f"Top heads by first-token sink score (95% CI, {_n(sinks)})",
+        color=COLOR,
+        axis_title="sink score",
+        top=top,
+        threshold=_eps(sinks),
+        threshold_label="eps",
     )
+    if len(sinks):
+        shown = sinks.sort_values("sink_score", ascending=False, kind="stable").head(top)
+        fig.data[0].error_y = dict(
+            type="data",
+            symmetric=False,
+            array=(shown["ci_high"] - shown["sink_score"]).fillna(0).tolist(),
+            arrayminus=(shown["sink_score"] - shown["ci_low"]).fillna(0).tolist(),
+            color=NEUTRAL,
+            thickness=1,
+            width=2,
+        )
+    return fig
 
 
 def _strip_probe(tokens) -> str:

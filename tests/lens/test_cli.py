@@ -77,7 +77,7 @@ def test_census_end_to_end_via_python_m(tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "sink_rate_eps0.2" in proc.stdout and str(store) in proc.stdout
+    assert "sinks.sink_rate" in proc.stdout and str(store) in proc.stdout
     runs = subprocess.run([sys.executable, "-m", "lens", "runs", "--store", str(store)], capture_output=True, text=True)
     assert "tiny-llama" in runs.stdout and "sinks" in runs.stdout
 

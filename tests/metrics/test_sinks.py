@@ -21,7 +21,10 @@ from metrics.sinks import (
     lifetime_label,
     raised_layers,
     sink_mask,
+    sink_rate,
+    sink_rate_per_prompt,
 )
+from metrics.uncertainty import column_mean_intervals
 
 
 def _causal_uniform(n: int) -> torch.Tensor:
@@ -46,6 +49,30 @@ def test_planted_first_and_later_sinks_are_found_and_the_tail_is_not():
     for head in range(3):
         flagged = mask[head].nonzero().flatten()
         assert first[head].nonzero().flatten().tolist() == flagged[:1].tolist()
+
+
+def test_sink_rate_thresholds_each_prompt_before_averaging():
+    """Gu et al.'s Sink_k^eps: a head that is a strong sink on one prompt and not on the other counts on
+    half the prompts, though its mean importance (0.5) is over eps; a head at 0.25 on both never counts."""
+    importance = torch.tensor([[[0.9, 0.25, 0.1, 0.1]], [[0.1, 0.25, 0.1, 0.1]]])  # prompt layer head
+    assert sink_rate_per_prompt(importance, 0.3).tolist() == [25.0, 0.0]
+    assert sink_rate(importance, 0.3) == 12.5
+    # Thresholding the mean over prompts instead (the old definition) would say 25%.
+    assert float((importance.mean(0) > 0.3).double().mean() * 100) == 25.0
+    # Equal to a direct count over (prompt, layer, head) triples.
+    assert sink_rate(importance, 0.3) == 100.0 * sum(v > 0.3 for v in importance.flatten().tolist()) / importance.numel()
+
+
+def test_column_mean_intervals_cover_each_column_mean():
+    rng = torch.Generator().manual_seed(0)
+    values = torch.randn(40, 3, generator=rng).double().numpy() + [0.0, 5.0, -2.0]
+    values[:, 2] = -2.0  # a constant column: the interval is the value
+    low, high, method = column_mean_intervals(values, seed=0)
+    means = values.mean(axis=0)
+    assert (low <= means).all() and (means <= high).all() and "bootstrap" in method
+    assert low[2] == high[2] == -2.0 and (high[:2] - low[:2] > 0.2).all() and (high[:2] - low[:2] < 1.5).all()
+    one = column_mean_intervals(values[:1], seed=0)
+    assert torch.isnan(torch.as_tensor(one[0])).all()
 
 
 def test_first_sinks_is_the_lowest_flagged_position():

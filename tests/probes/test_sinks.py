@@ -75,22 +75,36 @@ def direct_sinks(attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def test_sinks_census_equals_output_attentions(census_run, full_cache, smollm2):
     frame = census_run["sinks"].sort_values(["layer", "head"])
     assert len(frame) == smollm2.info.n_layers * smollm2.info.n_heads == 270
-    first_token = sum(c["attention"][..., :, 0].mean(-1) for c in full_cache) / len(PROBES)
+    per_prompt = torch.stack([c["attention"][..., :, 0].mean(-1) for c in full_cache])  # prompt layer head
     first4 = sum(c["attention"][..., :, :4].sum(-1).mean(-1) for c in full_cache) / len(PROBES)
     got = torch.tensor(frame["sink_score"].to_numpy(), dtype=torch.float32).view(30, 9)
-    torch.testing.assert_close(got, first_token, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got, per_prompt.mean(0), atol=1e-4, rtol=0)
     got4 = torch.tensor(frame["sink_mass_first4"].to_numpy(), dtype=torch.float32).view(30, 9)
     torch.testing.assert_close(got4, first4, atol=1e-4, rtol=0)
-    assert (frame["is_sink"] == (frame["sink_score"] > 0.3)).all()
-    assert set(frame["n_prompts"]) == {2} and set(frame["first_token"]) <= {"The", "<|im_start|>"}
+    # Per head: the percent of prompts over eps (thresholded per prompt), and a sink on most prompts.
+    clear = ((per_prompt - 0.3).abs() > 1e-4).all(0)
+    rate = (per_prompt > 0.3).double().mean(0) * 100
+    got_rate = torch.tensor(frame["sink_rate"].to_numpy()).view(30, 9)
+    assert torch.equal(got_rate[clear], rate[clear])
+    assert (frame["is_sink"] == (frame["sink_rate"] > 50)).all()
+    # The interval over the two prompts holds the mean and lies within the prompts' range.
+    assert (frame["ci_low"] <= frame["sink_score"] + 1e-9).all() and (frame["sink_score"] <= frame["ci_high"] + 1e-9).all()
+    low = torch.tensor(frame["ci_low"].to_numpy(), dtype=torch.float32).view(30, 9)
+    assert (low >= per_prompt.min(0).values - 1e-4).all()
+    assert set(frame["n_prompts"]) == {2} and set(frame["n_tokens"]) == {0} and set(frame["first_token"]) <= {"The", "<|im_start|>"}
 
-    summary = census_run["summary"].set_index("claim")["estimate"]
-    assert summary["sink_rate_eps0.3"] == pytest.approx(100.0 * (first_token > 0.3).double().mean().item(), abs=1e-6)
+    # Sink_1^0.3: the indicator over (prompt, layer, head), thresholded per prompt (Gu et al.'s reference).
+    summary = census_run["summary"].set_index("claim")
+    row = summary.loc["sinks.sink_rate"]
+    assert row["estimate"] == pytest.approx(100.0 * (per_prompt > 0.3).double().mean().item(), abs=0.4)
+    assert row["n"] == 2 and row["unit"] == "probes" and row["ci_low"] <= row["estimate"] <= row["ci_high"]
 
     runs = census_run["runs"]
     assert runs.loc[0, "model_fingerprint"] == smollm2.info.fingerprint
     assert json.loads(runs.loc[0, "params"]) == SinkParams().__dict__
     assert "torch" in json.loads(runs.loc[0, "versions"])
+    # SmolLM2's tokenizer adds no BOS, so the default policy adds none.
+    assert (runs.loc[0, "bos"], runs.loc[0, "bos_added"]) == ("auto", False)
 
 
 def test_sink_tokens_equal_direct_importance(census_run, full_cache, smollm2):
@@ -289,7 +303,36 @@ def test_planted_sinks_are_found_by_the_detector(tiny_llama):
     assert second.loc[1, "position"] == 3 and second.loc[1, "is_massive"] and second.loc[1, "on_sink_token"]
     assert not second.drop(index=1)["is_massive"].any()
     summary = reports["summary"].set_index("claim")["estimate"]
-    assert summary["hidden_sinks"] == 1 and summary["hidden_sink_tokens"] == 1 and summary["massive_activations"] == n_layers + 1
+    assert summary["sinks.hidden_sinks_per_probe"] == 1 and summary["sinks.hidden_sink_tokens_per_probe"] == 1
+    assert summary["sinks.massive_activations_per_probe"] == n_layers + 1
+
+
+def test_sink_rate_thresholds_each_probe_before_averaging(tiny_llama):
+    """Two planted probes: on the first every head puts all attention on the first token (importance 1),
+    on the second attention is uniform (importance of the first token about 0.26 < 0.3). Gu et al. count
+    each head on one probe of two: 50%. Thresholding the mean importance (0.63) would say 100%."""
+    detector = Sinks(tiny_llama, SinkParams(calibrate=False))
+    n_layers, n_heads = tiny_llama.info.n_layers, tiny_llama.info.n_heads
+    tokens = tiny_llama.tokenize("one two three four five six seven eight nine ten eleven twelve")
+    n = len(tokens)
+    sink = torch.zeros(n_layers, n_heads, n, n)
+    sink[..., 0] = 1.0
+    uniform = (torch.tril(torch.ones(n, n)) / torch.arange(1, n + 1)[:, None]).expand(n_layers, n_heads, n, n)
+    for index, probs in enumerate((sink, uniform)):
+        hidden = HiddenStats(n_layers, n, top_k=2)
+        for layer in range(n_layers):
+            hidden.resid_post(layer, torch.randn(1, n, tiny_llama.info.d_model, generator=torch.Generator().manual_seed(layer)))
+            hidden.mlp_out(layer, torch.ones(1, n, tiny_llama.info.d_model))
+        detector._reduce(f"p{index}", tokens, probs.sum(dim=-2), hidden)
+    reports = {r.type: r.frame for r in detector.finish()}
+    uniform_first = float(uniform[0, 0, :, 0].mean())
+    assert uniform_first < 0.3 < (1 + uniform_first) / 2
+    heads = reports["sinks"]
+    assert heads["sink_score"].to_numpy() == pytest.approx((1 + uniform_first) / 2)
+    assert (heads["sink_rate"] == 50.0).all() and not heads["is_sink"].any()
+    assert heads["ci_low"].to_numpy() == pytest.approx(uniform_first) and heads["ci_high"].to_numpy() == pytest.approx(1.0)
+    claim = reports["summary"].set_index("claim").loc["sinks.sink_rate"]
+    assert claim["estimate"] == 50.0 and (claim["ci_low"], claim["ci_high"]) == (0.0, 100.0) and claim["n"] == 2
 
 
 def test_builtin_sinks_probes_run_on_tiny_model(tiny_llama, store):
@@ -331,3 +374,55 @@ def test_token_strip_and_lifetime_views_show_the_stored_rows(census_run):
         # The first token is aligned in every active layer; a later token may skip some inside its span.
         assert covered == row.lifetime if row.position == 0 else covered >= row.lifetime
     assert {trace.name for trace in lifetime.data} == set(secondary["label"])
+
+
+def test_top_heads_view_draws_each_heads_interval_and_says_n(census_run):
+    from lens.views import VIEWS
+
+    sinks = census_run["sinks"]
+    fig = VIEWS["sinks.top_heads"].make({"sinks": sinks})
+    shown = sinks.sort_values("sink_score", ascending=False, kind="stable").head(20)
+    bars = fig.data[0]
+    assert list(bars.y) == pytest.approx(shown["sink_score"].tolist())
+    assert list(bars.error_y.array) == pytest.approx((shown["ci_high"] - shown["sink_score"]).tolist())
+    assert list(bars.error_y.arrayminus) == pytest.approx((shown["sink_score"] - shown["ci_low"]).tolist())
+    assert "n=2 probes" in fig.layout.title.text
+    assert "n=2 probes" in VIEWS["sinks.heatmap"].make({"sinks": sinks}).layout.title.text
+
+
+def test_gemma_gets_its_bos_and_the_papers_protocol_equals_output_attentions(eager_reference, tmp_path):
+    """Gemma 3 is trained with <bos>: by default (bos="auto") every probe starts with it, and with the
+    paper's protocol (first 64 tokens) Sink_1^0.3 equals Gu et al.'s computation from output_attentions.
+    Without BOS (the old default) the first-token sink rate collapses."""
+    gemma = lens.load("gemma3-270m")
+    texts = [p["text"] for p in Sinks(gemma, SinkParams(probe_set="full")).builtin_probes()[:2]]
+    probes = {"sinks": [{"id": f"g{i}", "text": text} for i, text in enumerate(texts)]}
+    params = {"sinks": {"n_tokens": "64", "calibrate": "false"}}
+    store = lens.ReportStore(tmp_path / "store")
+    rates = {}
+    for bos in ("auto", "never"):
+        run = lens.census(gemma, ["sinks"], store, probes=probes, params=params, bos=bos).run_id
+        rates[bos] = store.read("summary", run_id=run).set_index("claim").loc["sinks.sink_rate", "estimate"]
+        if bos == "auto":
+            frame = store.read("sinks", run_id=run).sort_values(["layer", "head"])
+            manifest = store.runs(run_id=run).iloc[0]
+    assert (manifest["bos"], manifest["bos_token"], manifest["bos_added"]) == ("auto", "<bos>", True)
+    assert set(frame["first_token"]) == {"<bos>"} and set(frame["n_tokens"]) == {64}
+
+    reference = eager_reference(gemma)
+    per_prompt = []
+    for text in texts:
+        tokens = gemma.tokenize(text, bos="auto")[:64]
+        assert tokens[0] == gemma.tokenizer.bos_token_id and len(tokens) == 64
+        with torch.no_grad():
+            attentions = reference(tokens[None], output_attentions=True).attentions
+        weights = torch.stack([a[0] for a in attentions])  # layer head query key
+        # eval_sink_open_source.py: importance = sum over queries of A / (T - k); threshold per sample.
+        ratios = torch.arange(64, 0, -1, dtype=weights.dtype)
+        per_prompt.append((weights / ratios[None, None, None, :]).sum(dim=-2)[..., 0])
+    per_prompt = torch.stack(per_prompt)
+    n_layers, n_heads = gemma.info.n_layers, gemma.info.n_heads
+    got = torch.tensor(frame["sink_score"].to_numpy(), dtype=torch.float32).view(n_layers, n_heads)
+    torch.testing.assert_close(got, per_prompt.mean(0), atol=1e-4, rtol=0)
+    assert rates["auto"] == pytest.approx(100.0 * (per_prompt > 0.3).double().mean().item(), abs=100.0 / per_prompt.numel())
+    assert rates["auto"] > 10.0 and rates["auto"] > rates["never"] + 10.0
