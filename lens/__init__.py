@@ -17,9 +17,30 @@ from lens._models.catalog import DEFAULT_MODEL, cache_root, known_models
 from lens._models.model import Model, ModelInfo, PromptTooLongError, UnknownModelError, load
 from lens._store.schema import ReportSchema, SchemaMismatchError
 from lens._store.store import Report, ReportStore, StoreError
-from lens._census import CensusResult, census
 from lens._generate import Generation, chat_prompt, generate
-from lens._explorer import attention_explorer, show_attention
+
+# The application layer (census, explorer) sits above the detectors, which import the core above; it
+# loads on first use, so ``import probes`` never re-enters ``lens`` half-initialised.
+_LAZY = {
+    "CensusResult": "lens._census",
+    "census": "lens._census",
+    "attention_explorer": "lens._explorer",
+    "show_attention": "lens._explorer",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lens' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
 
 __version__ = "0.1.0"
 
