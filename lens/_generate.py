@@ -1,7 +1,9 @@
 """The model answering a prompt: greedy by default, seeded sampling as an option.
 
 Generation runs on the fast path (SDPA, KV cache, no capture session); detectors then analyse
-prompt + answer with one teacher-forced forward pass.
+prompt + answer with one teacher-forced forward pass. Inside a capture session (decode-time reading,
+masked answers) every step is captured; the KV cache keeps every key (``Model.new_cache``), so each
+step's query sits at its absolute position on sliding-window layers too.
 """
 
 from __future__ import annotations
@@ -55,17 +57,20 @@ def generate(
 ) -> Generation:
     """Decode an answer. With ``stop_at_newline`` it ends at the first newline once the answer has
     begun (some non-space text before it). ``temperature > 0`` samples, seeded by ``seed``.
-    ``past_key_values``: a KV cache already holding the first tokens of the prompt (it is extended in
-    place, so pass a copy to reuse it); only the rest of the prompt is fed."""
+    ``past_key_values``: a KV cache already holding the first tokens of the prompt, from
+    ``model.prefix_cache`` (it is extended in place, so pass a copy to reuse it); only the rest of the
+    prompt is fed."""
     model.check_length(len(prompt_tokens) + max_new_tokens, what="prompt plus answer")
     stops = set(stop_token_ids(model))
     tokens = prompt_tokens.to(model.device)[None]
     answer: list[int] = []
     stopped_by = "length"
     generator = torch.Generator(device=model.device).manual_seed(seed)
-    past = past_key_values
+    past = model.new_cache() if past_key_values is None else past_key_values
+    if past.get_seq_length() >= len(prompt_tokens):
+        raise ValueError(f"the KV cache holds {past.get_seq_length()} tokens; it must hold fewer than the prompt's {len(prompt_tokens)}")
     with torch.no_grad():
-        step_input = tokens if past is None else tokens[:, past.get_seq_length() :]
+        step_input = tokens[:, past.get_seq_length() :]
         for _ in range(max_new_tokens):
             out = model.hf(input_ids=step_input, past_key_values=past, use_cache=True, logits_to_keep=1)
             past = out.past_key_values

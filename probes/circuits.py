@@ -343,9 +343,8 @@ class Circuits(Detector):
         depend on the final position's heads) and only the target and foil rows of the LM head."""
         model = self.model
         decoder = model.hf.get_decoder()
-        if pair.prefix_cache is None:
-            with torch.no_grad():
-                pair.prefix_cache = decoder(input_ids=pair.clean[None, :-1].to(model.device), use_cache=True).past_key_values
+        if pair.prefix_cache is None:  # keeps every key, so crop(-1) works past a sliding window
+            pair.prefix_cache = model.prefix_cache(pair.clean[:-1])
         unembed = model.hf.get_output_embeddings()
         rows = torch.tensor([pair.target, pair.foil], device=model.device)
         softcap = getattr(model.hf.config, "final_logit_softcapping", None)

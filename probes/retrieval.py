@@ -376,9 +376,9 @@ class Retrieval(Detector):
 
     def _prompt_cache(self, prompt_tokens: Tensor):
         """KV cache of every prompt token but the last, unmasked: with decoding-only masking every
-        condition shares it, as the reference prefilled once and masked from the last prompt token on."""
-        with torch.no_grad():
-            return self.model.hf(input_ids=prompt_tokens[None, :-1].to(self.model.device), use_cache=True, logits_to_keep=1).past_key_values
+        condition shares it, as the reference prefilled once and masked from the last prompt token on.
+        It keeps every key (``Model.prefix_cache``), so masks apply at absolute positions past Gemma 3's window."""
+        return self.model.prefix_cache(prompt_tokens[:-1])
 
     def _masked_answer(self, trial: Trial, heads: list[tuple[int, int]], prefix=None) -> str:
         params = self.params

@@ -9,6 +9,13 @@ it hands attention rows to detectors block by block and applies interventions:
 - rows for every position, an edit of the probabilities, or a soft-capped model: the layer's attention
   is computed blockwise from the probabilities themselves (the output is ``probs @ V``), so each block
   of rows is computed once and shared by every consumer. Peak memory is one block, never T x T.
+
+Positions: a query's absolute position is what the model passes (``position_ids``), never inferred
+from the number of keys. Key ``s`` must be the key of position ``s``: the keys must run from position 0
+to the last query. A cache that drops keys breaks that (transformers' ``DynamicCache(config=...)``
+keeps only the last window on sliding-window layers), and is refused with ``CachePositionError``;
+``Model.new_cache()`` and ``Model.prefix_cache(tokens)`` keep every key, and the model's mask applies
+the window by position.
 """
 
 from __future__ import annotations
@@ -35,6 +42,10 @@ DEFAULT_BLOCK_ELEMENTS = 2**23
 ROWS_PER_BLOCK = 64
 
 
+class CachePositionError(RuntimeError):
+    """The keys a layer received do not run from position 0 to its last query."""
+
+
 def register_attention() -> None:
     """Make ``attn_implementation="lens"`` available to transformers (idempotent)."""
     from transformers import AttentionInterface
@@ -50,7 +61,7 @@ def lens_attention_forward(module, query, key, value, attention_mask, dropout=0.
         return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    return session_attention(session, module, query, key, value, attention_mask, scaling, kwargs.get("softcap"))
+    return session_attention(session, module, query, key, value, attention_mask, scaling, kwargs.get("softcap"), kwargs.get("position_ids"))
 
 
 def sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -138,14 +149,37 @@ def _row_blocks(rows: list[int], rows_per_block: int):
         yield rows[start : start + rows_per_block]
 
 
-def session_attention(session: CaptureSession | None, module, query, key, value, attention_mask, scaling, softcap):
+def first_query_position(position_ids: Int[Tensor, "batch_or_1 q"] | None, q_len: int) -> int:
+    """The absolute position of the first query, from the ``position_ids`` the model passes. Capture
+    reads consecutive positions, the same in every batch row (no padding, no packed sequences)."""
+    if position_ids is None:
+        raise CachePositionError("the model passed no position_ids to its attention function; capture needs each query's position")
+    position_ids = position_ids.reshape(-1, position_ids.shape[-1])
+    first = int(position_ids[0, 0])
+    expected = torch.arange(first, first + q_len, device=position_ids.device)
+    if position_ids.shape[-1] != q_len or not bool((position_ids == expected).all()):
+        raise CachePositionError(f"capture needs consecutive query positions, the same in every batch row; got {position_ids.tolist()}")
+    return first
+
+
+def check_keys(layer: int, first: int, q_len: int, kv_len: int) -> None:
+    if first + q_len != kv_len:
+        raise CachePositionError(
+            f"layer {layer} received {kv_len} keys for queries at positions {first}..{first + q_len - 1}: capture needs the keys of "
+            f"every position from 0 (a sliding-window cache keeps only the last window); continue from model.prefix_cache(tokens) "
+            f"or model.new_cache()"
+        )
+
+
+def session_attention(session: CaptureSession | None, module, query, key, value, attention_mask, scaling, softcap, position_ids=None):
     from lens._capture.session import CaptureSession
 
     session = session or CaptureSession()  # a soft-capped model outside any session
     layer = module.layer_idx
     batch, n_heads, q_len, _ = query.shape
     kv_len = key.shape[2]
-    offset = kv_len - q_len  # queries are the last q_len positions (non-zero with a KV cache)
+    offset = session.first_query_position(position_ids, q_len)  # non-zero with a KV cache
+    check_keys(layer, offset, q_len, kv_len)
     positions = torch.arange(offset, offset + q_len, device=query.device)
     edits = session.interventions_at(layer)
     for edit in edits:

@@ -108,9 +108,11 @@ class ScaleSinks(Intervention):
 class ReplaceZ(Intervention):
     """Replace the output ``z`` of heads at ``positions`` (activation patching and ablation).
 
-    ``values[b, i, h]`` is the new z at ``positions[i]`` for head h; ``where[b, h]`` says which
-    heads are replaced in batch element b (batch 1 broadcasts). This lets one batched forward
-    patch a different head in each batch element.
+    ``positions`` are absolute (distinct) positions; a negative one counts from the end of the tokens
+    read so far (-1: the last query of the pass), so it also works on a decode step from a KV cache.
+    ``values[b, i, h]`` is the new z at ``positions[i]`` for head h; ``where[b, h]`` says which heads
+    are replaced in batch element b (batch 1 broadcasts). This lets one batched forward patch a
+    different head in each batch element.
     """
 
     layer: int
@@ -119,11 +121,11 @@ class ReplaceZ(Intervention):
     where: Bool[Tensor, "batch head"]
 
     def edit_z(self, z, positions):
-        index = torch.as_tensor(list(self.positions), device=z.device)
-        index = torch.where(index < 0, index + positions.numel(), index)
-        current = z[:, index]
-        mask = self.where.to(z.device)[:, None, :, None]
-        patched = torch.where(mask, self.values.to(z), current)
-        z = z.clone()
-        z[:, index] = patched
-        return z
+        wanted = torch.as_tensor(list(self.positions), device=z.device)
+        wanted = torch.where(wanted < 0, wanted + positions[-1] + 1, wanted)
+        # match[q, i]: query row q is positions[i]. Placing values by a matmul needs no host sync, and
+        # rows whose position is not in this pass (another decode step) keep their z.
+        match = positions[:, None] == wanted[None, :]
+        placed = torch.einsum("qi,bihd->bqhd", match.to(z.dtype), self.values.to(z))
+        replace = self.where.to(z.device)[:, None, :, None] & match.any(-1)[None, :, None, None]
+        return torch.where(replace, placed, z)

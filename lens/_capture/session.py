@@ -10,7 +10,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from lens._capture.attention import ACTIVE_SESSION, DEFAULT_BLOCK_ELEMENTS
+from lens._capture.attention import ACTIVE_SESSION, DEFAULT_BLOCK_ELEMENTS, first_query_position
 from lens._capture.interventions import Intervention
 from lens._capture.needs import AttentionBlock, AttentionRows, LogitChunks, Logits, Need, Residual
 
@@ -41,6 +41,14 @@ class CaptureSession:
     seq_len: int = 0
     block_elements: int = DEFAULT_BLOCK_ELEMENTS
     _consumers: dict[int, list[_RowsConsumer]] = field(default_factory=dict)
+    # The last forward pass's position_ids and its first query position: every layer of a pass gets
+    # the same tensor, so it is read (one device sync) once per pass, not once per layer.
+    _positions: tuple[Tensor, int] | None = None
+
+    def first_query_position(self, position_ids: Tensor | None, q_len: int) -> int:
+        if position_ids is None or self._positions is None or self._positions[0] is not position_ids:
+            self._positions = (position_ids, first_query_position(position_ids, q_len))
+        return self._positions[1]
 
     def _absolute(self, positions: Sequence[int]) -> set[int]:
         return {p + self.seq_len if p < 0 else p for p in positions}

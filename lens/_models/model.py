@@ -101,6 +101,24 @@ class Model:
                 f"{what} has {n_tokens} tokens, longer than {self.name}'s context of {self.info.n_ctx}"
             )
 
+    def new_cache(self):
+        """An empty KV cache that keeps the key of every position on every layer. transformers' default
+        (``DynamicCache(config=...)``) keeps only the last window on sliding-window layers, which capture
+        refuses: it reads key ``s`` as position ``s``. With every key kept, the mask applies the window."""
+        from transformers import DynamicCache
+
+        return DynamicCache()
+
+    def prefix_cache(self, tokens: Tensor):
+        """The KV cache of ``tokens`` (``[pos]`` or ``[batch, pos]``), keeping every key: run a prefix once,
+        then continue it with ``lens.generate(..., past_key_values=)`` or a decoder call, inside a capture
+        session or not (``copy.deepcopy`` it to reuse it, or ``crop(-n)`` it back to the prefix)."""
+        self.check_length(tokens.shape[-1], what="prefix")
+        cache = self.new_cache()
+        with torch.no_grad():
+            self.hf.get_decoder()(input_ids=tokens.reshape(-1, tokens.shape[-1]).to(self.device), past_key_values=cache, use_cache=True)
+        return cache
+
     def token_strings(self, ids: Tensor) -> list[str]:
         return [self.tokenizer.decode([i]) for i in ids.tolist()]
 
