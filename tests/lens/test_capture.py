@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import lens
+from lens._capture.attention import CachePositionError
 
 TEXT = "The quick brown fox jumps over the lazy dog. Then it naps under a tree while the dog keeps watch."
 
@@ -111,6 +112,45 @@ def test_prompt_longer_than_context_is_refused(tiny_llama):
     tokens = torch.zeros(tiny_llama.info.n_ctx + 1, dtype=torch.long)
     with pytest.raises(lens.PromptTooLongError, match="longer than"):
         lens.capture(tiny_llama, tokens, [])
+
+
+def test_a_decode_step_is_captured_and_patched_at_its_absolute_position(tiny_llama):
+    """Continuing a prefix's KV cache by one token reads and edits the same attention row and head
+    output as the full forward pass does at that position (ReplaceZ positions are absolute)."""
+    tokens = tiny_llama.tokenize(TEXT)
+    info, last = tiny_llama.info, len(tokens) - 1
+    patch = torch.randn(1, 1, info.n_heads, info.d_head, generator=torch.Generator().manual_seed(0))
+    edits = [lens.ZeroQuery(0, [1], positions=[last]), lens.ReplaceZ(1, [last], patch, torch.tensor([[True, False, True, False]]))]
+
+    def run(rows, logits, step):
+        needs = [lens.AttentionRows(lambda b: rows.__setitem__(b.layer, (b.positions.tolist(), b.probs[0, :, -1])), positions=[last])]
+        if not step:
+            lens.capture(tiny_llama, tokens, [*needs, lens.Logits(logits.append)], edits)
+            return
+        cache = tiny_llama.prefix_cache(tokens[:-1])
+        with torch.no_grad(), lens.session(tiny_llama, needs, edits):
+            logits.append(tiny_llama.hf(input_ids=tokens[None, -1:], past_key_values=cache, use_cache=True).logits)
+
+    (full_rows, full_logits), (step_rows, step_logits) = ({}, []), ({}, [])
+    run(full_rows, full_logits, step=False)
+    run(step_rows, step_logits, step=True)
+    for layer in range(info.n_layers):
+        assert step_rows[layer][0] == full_rows[layer][0] == [last]
+        torch.testing.assert_close(step_rows[layer][1], full_rows[layer][1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(step_logits[0][0, -1], full_logits[0][0, -1], atol=1e-4, rtol=0)
+    with torch.no_grad():
+        plain = tiny_llama.hf(tokens[None]).logits[0, -1]
+    assert (plain - full_logits[0][0, -1]).abs().max() > 1e-2, "the edits change the logits"
+
+
+def test_positions_that_disagree_with_the_keys_are_refused(tiny_llama):
+    tokens = tiny_llama.tokenize(TEXT)[None]
+    shifted = torch.arange(3, 3 + tokens.shape[1])[None]  # positions that do not start at key 0
+    with torch.no_grad(), lens.session(tiny_llama, [lens.AttentionRows(lambda block: None)]):
+        with pytest.raises(CachePositionError, match=r"received \d+ keys for queries at positions 3\.\."):
+            tiny_llama.hf(input_ids=tokens, position_ids=shifted)
+        with pytest.raises(CachePositionError, match="consecutive query positions"):
+            tiny_llama.hf(input_ids=tokens, position_ids=shifted.flip(-1))
 
 
 def test_logit_chunks_stream_every_position(smollm2, eager_reference):

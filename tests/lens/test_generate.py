@@ -1,5 +1,6 @@
 """Generation: our greedy loop equals transformers' generate; sampling is reproducible by seed."""
 
+import pytest
 import torch
 
 import lens
@@ -22,3 +23,12 @@ def test_sampling_is_seeded_and_newline_stops(smollm2):
     assert first.answer_tokens.tolist() == again.answer_tokens.tolist()
     greedy = lens.generate(smollm2, prompt, max_new_tokens=30)
     assert greedy.stopped_by == "newline" and greedy.text.endswith("\n") and "\n" not in greedy.text.strip()
+
+
+def test_continuing_a_prefix_cache_equals_generating_from_scratch(tiny_llama):
+    prompt = tiny_llama.tokenize("A list of fruits:\n1. apple\n2.")
+    scratch = lens.generate(tiny_llama, prompt, max_new_tokens=12, stop_at_newline=False)
+    continued = lens.generate(tiny_llama, prompt, max_new_tokens=12, stop_at_newline=False, past_key_values=tiny_llama.prefix_cache(prompt[:-3]))
+    assert continued.answer_tokens.tolist() == scratch.answer_tokens.tolist() and len(scratch.answer_tokens) > 0
+    with pytest.raises(ValueError, match="must hold fewer than the prompt"):
+        lens.generate(tiny_llama, prompt, past_key_values=tiny_llama.prefix_cache(prompt))
