@@ -32,6 +32,10 @@ from probes._base import Detector, ForwardPass, ProbeError
 _VERSIONED = ("torch", "transformers", "transformer-lens", "lens-workbench", "numpy", "pandas", "pyarrow", "duckdb")
 
 
+# Census presets: "quick" (each detector's defaults) and "full" (each detector's ``presets["full"]``).
+PRESETS = ("quick", "full")
+
+
 def package_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in _VERSIONED:
@@ -102,6 +106,7 @@ def census(
     seed: int = 0,
     params: dict[str, dict[str, str]] | None = None,
     bos: str = "auto",
+    preset: str = "quick",
     on_pass: Callable[[int, int], None] | None = None,
 ) -> CensusResult:
     """Run ``detectors`` on ``model`` and write their reports into ``store``.
@@ -111,7 +116,8 @@ def census(
     census). ``params`` maps a detector name to ``{parameter: text value}``. ``on_pass(done, total)`` reports
     progress (total counts every detector's probes). ``bos`` is the BOS policy of every probe text
     (``Model.tokenize``): ``"auto"`` follows the tokenizer (Gemma 3 adds ``<bos>``, SmolLM2 nothing),
-    ``"always"`` or ``"never"``; the run manifest records it. Bad input raises before anything is run.
+    ``"always"`` or ``"never"``; the run manifest records it. ``preset`` ("quick" or "full") picks each
+    detector's preset parameters; ``params`` override them. Bad input raises before anything is run.
     """
     store = store if isinstance(store, ReportStore) else ReportStore(store)
     store.check_writable()
@@ -120,11 +126,14 @@ def census(
     unknown_params = set(params) - set(classes)
     if unknown_params:
         raise ProbeError(f"parameters given for detector(s) not in this census: {sorted(unknown_params)}")
+    if preset not in PRESETS:
+        raise ProbeError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     if bos not in BOS_POLICIES:
         raise ProbeError(f"bos must be one of {', '.join(BOS_POLICIES)}, got {bos!r}")
     torch.manual_seed(seed)
     instances = {
-        name: cls(model, parse_params(cls, params.get(name, {})), seed=seed, bos=bos) for name, cls in classes.items()
+        name: cls(model, parse_params(cls, {**cls.presets.get(preset, {}), **params.get(name, {})}), seed=seed, bos=bos)
+        for name, cls in classes.items()
     }
     file_probes = read_probe_file(probes_file) if probes_file else None
     probe_sets: dict[str, list[dict]] = {}

@@ -24,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     census.add_argument("--probes-file", default=None, help="JSON Lines probe file; default: each detector's built-in probes")
     census.add_argument("--limit", type=int, default=None, help="use only the first N probes of each detector")
     census.add_argument("--seed", type=int, default=0)
+    census.add_argument("--preset", choices=("quick", "full"), default="quick",
+                        help="quick (default): every detector in minutes on a laptop CPU; full: research-scale probe sets and grids")
     census.add_argument("--device", default="cpu", help="cpu or cuda")
     census.add_argument(
         "--bos",
@@ -108,6 +110,7 @@ def _cmd_census(args) -> int:
             seed=args.seed,
             params=params,
             bos=args.bos,
+            preset=args.preset,
             on_pass=on_pass,
         )
     finally:

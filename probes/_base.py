@@ -139,6 +139,10 @@ class Detector:
     # lengthens a probe by putting the same text before each of them.
     context_fields: ClassVar[tuple[str, ...]] = ()
     ParamsType: ClassVar[type[Params]] = Params
+    # Parameter values per census preset (text, as on the command line). "quick", the default, is
+    # the parameters' defaults, sized for a census of every detector in minutes on a laptop CPU;
+    # "full" is the research-scale run (every built-in probe, larger grids).
+    presets: ClassVar[dict[str, dict[str, str]]] = {}
 
     def __init__(self, model, params: Params | None = None, *, seed: int = 0, bos: str = "auto"):
         self.model = model

@@ -155,6 +155,7 @@ class PreplanAnchor(Detector):
     probe_fields = ("prompt",)
     prompt_field = "prompt"
     ParamsType = PreplanAnchorParams
+    presets = {"full": {"n_probes": "26"}}  # every problem template once
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

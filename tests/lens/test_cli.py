@@ -136,3 +136,16 @@ def test_unprepared_catalog_model_says_lens_prepare(capsys, tmp_path, monkeypatc
     assert main(["census", "--model", "gemma3-270m", "--store", str(tmp_path / "store")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "lens prepare" in err[0]
+
+
+def test_preset_full_sets_each_detectors_preset_and_params_override_it(tmp_path):
+    import lens
+
+    store = lens.ReportStore(tmp_path / "store")
+    model = lens.load("tiny-llama")
+    with pytest.raises(lens.census.__globals__["ProbeError"], match="preset must be one of"):
+        lens.census(model, ["preplan_anchor"], store, preset="huge")
+    result = lens.census(model, ["preplan_anchor"], store, preset="full", limit=1,
+                         params={"preplan_anchor": {"max_new_tokens": "4"}})
+    params = json.loads(store.runs(run_id=result.run_id)["params"].iloc[0])
+    assert params["n_probes"] == 26 and params["max_new_tokens"] == 4
