@@ -223,6 +223,7 @@ class Sinks(Detector):
     probe_fields = ("text",)
     prompt_field = "text"
     ParamsType = SinkParams
+    presets = {"full": {"probe_set": "full"}}
 
     # Python API (``calibrate_sinks``): the calibration metric, and the heads allowed to be calibrated
     # (None: every head with a non-first sink on the probe).
