@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     runs = sub.add_parser("runs", help="list the finished runs in a store")
     runs.add_argument("--store", default=DEFAULT_STORE)
     schema = sub.add_parser("schema", help="print every report type and its columns (Markdown)")
-    schema.add_argument("--readme", default=None, help="instead of printing, rewrite the schema block of this README")
+    schema.add_argument("--write", default=None, metavar="PAGE", help="instead of printing, rewrite the schema block of this Markdown page (docs/store.md)")
     report = sub.add_parser("report", help="write a run's figures (PDF/SVG/PNG) and its self-contained HTML report")
     report.add_argument("--store", default=DEFAULT_STORE)
     report.add_argument("--out", default="lens-report", help="output directory; files go to OUT/<run_id>/ (default ./lens-report)")
@@ -193,18 +193,18 @@ def _cmd_runs(args) -> int:
 def _cmd_schema(args) -> int:
     from lens._store.schema import schema_markdown
 
-    if args.readme is None:
+    if args.write is None:
         print(schema_markdown())
         return 0
     from pathlib import Path
 
-    readme = Path(args.readme)
-    text = readme.read_text()
+    page = Path(args.write)
+    text = page.read_text()
     begin, end = "<!-- schema:begin -->", "<!-- schema:end -->"
     head, _, rest = text.partition(begin)
     _, _, tail = rest.partition(end)
-    readme.write_text(f"{head}{begin}\n{schema_markdown()}\n{end}{tail}")
-    print(f"schema block of {readme} rewritten")
+    page.write_text(f"{head}{begin}\n{schema_markdown()}\n{end}{tail}")
+    print(f"schema block of {page} rewritten")
     return 0
 
 

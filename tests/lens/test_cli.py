@@ -108,15 +108,15 @@ def test_models_and_detectors_lists(capsys):
     assert "sinks" in _run(capsys, "detectors")[1]
 
 
-def test_readme_schema_block_is_current():
-    """The README's store schema is generated from the declared schemas: `lens schema --readme README.md`."""
+def test_store_page_schema_block_is_current():
+    """docs/store.md's schema is generated from the declared schemas: `lens schema --write docs/store.md`."""
     from pathlib import Path
 
     from lens._store.schema import schema_markdown
 
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    block = readme.split("<!-- schema:begin -->")[1].split("<!-- schema:end -->")[0].strip()
-    assert block == schema_markdown().strip(), "run `lens schema --readme README.md`"
+    page = (Path(__file__).parents[2] / "docs" / "store.md").read_text()
+    block = page.split("<!-- schema:begin -->")[1].split("<!-- schema:end -->")[0].strip()
+    assert block == schema_markdown().strip(), "run `lens schema --write docs/store.md`"
 
 
 def test_no_arguments_prints_help_and_starts_nothing(capsys, tmp_path, monkeypatch):
