@@ -66,14 +66,14 @@ def test_masked_decode_step_equals_masked_full_forward(gemma, needle_probe):
     for layer in range(info.n_layers):
         positions, probs = step_rows[layer]
         assert positions == [last] and probs.shape[-1] == len(tokens)
-        torch.testing.assert_close(probs, direct_rows[layer][1], atol=1e-4, rtol=0)
+        torch.testing.assert_close(probs, direct_rows[layer][1], atol=5e-5, rtol=0)
         # The zeroed query attends uniformly to what it may see: the last window on a sliding layer.
         visible = window if info.layer_types[layer] == "sliding_attention" else len(tokens)
         expected = torch.zeros(len(tokens))
         expected[-visible:] = 1.0 / visible
         torch.testing.assert_close(probs[0], expected, atol=1e-7, rtol=0)
     difference = (step_logits[0, -1] - direct_logits[0][0, -1]).abs().max()
-    assert difference < 2e-3
+    assert difference < 5e-4  # measured 1.7e-5; the edits move the logits by 9.3
 
     cache.crop(-1)  # a cache that keeps every key can go back to the prefix
     with torch.no_grad():
@@ -82,6 +82,8 @@ def test_masked_decode_step_equals_masked_full_forward(gemma, needle_probe):
 
 
 def test_a_cache_that_drops_keys_is_refused(gemma, needle_probe):
+    """transformers' default cache on Gemma 3 keeps only the last window on sliding layers: a capture
+    session refuses to continue it (the test above continues Model.prefix_cache instead)."""
     _, tokens = needle_probe
     window = gemma.hf.config.sliding_window
     with torch.no_grad():
@@ -89,9 +91,6 @@ def test_a_cache_that_drops_keys_is_refused(gemma, needle_probe):
         assert min(layer.keys.shape[-2] for layer in dropping.layers) < window  # transformers' default on Gemma 3
         with lens.session(gemma, [], [lens.ZeroQuery(0, [0])]), pytest.raises(CachePositionError, match="keys of every position"):
             gemma.hf(input_ids=tokens[None, window + 8 : window + 9], past_key_values=dropping, use_cache=True)
-    # The same continuation from a cache that keeps every key runs.
-    with torch.no_grad(), lens.session(gemma, [], [lens.ZeroQuery(0, [0])]):
-        gemma.hf(input_ids=tokens[None, window + 8 : window + 9], past_key_values=gemma.prefix_cache(tokens[: window + 8]), use_cache=True)
 
 
 def test_decode_time_retrieval_scores_equal_teacher_forced(gemma, needle_probe):
@@ -136,5 +135,5 @@ def test_circuits_patching_from_a_prefix_cache_past_the_window(gemma, needle_pro
     logits = []
     lens.capture(gemma, pair.clean.expand(2, -1), [lens.Logits(logits.append)], edits)  # both patches in one batched forward
     expected = logit_difference(logits[0][:, -1].float().cpu(), torch.tensor([pair.target] * 2), torch.tensor([pair.foil] * 2))
-    torch.testing.assert_close(patched, expected, atol=2e-3, rtol=0)
+    torch.testing.assert_close(patched, expected, atol=2e-4, rtol=0)  # measured 4e-6
     assert abs(float(patched[1]) - pair.ld_clean) > 0.1, "patching most heads moves the logit difference"
