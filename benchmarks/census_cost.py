@@ -54,7 +54,7 @@ def _reset_peak_rss() -> None:
 
 def _text_of_tokens(model, n_tokens: int) -> str:
     """A neutral text of about ``n_tokens`` tokens (the built-in sinks probes, repeated)."""
-    from probes._base import builtin_probe_file
+    from probes import builtin_probe_file
 
     corpus = "\n\n".join(p["text"] for p in builtin_probe_file("sinks.jsonl"))
     ids: list[int] = []
@@ -174,15 +174,13 @@ def child(mode: str, detectors: list[str], n_tokens: int, args) -> dict:
 
     import lens
     import probes
-    from lens._census import parse_params
-    from lens._cli import _parse_param_flags
 
     model = lens.load(args.model, device=args.device)
     if args.context and args.context > model.info.n_ctx:
         # Cost measurement only: outputs past the trained context are not meaningful.
         model.info = dataclasses.replace(model.info, n_ctx=args.context)
-    params = _parse_param_flags(args.param)
-    instances = {name: probes.get(name)(model, parse_params(probes.get(name), params.get(name, {}))) for name in detectors}
+    params = probes.parse_param_flags(args.param)
+    instances = {name: probes.get(name)(model, probes.get(name).parse_params(params.get(name, {}))) for name in detectors}
     probe_sets = {name: [probe_of_length(detector, n_tokens)] for name, detector in instances.items()}
     calls: list[dict] = []
     if mode == "bare":

@@ -6,7 +6,8 @@ Public surface (implementation modules are private):
 - capture: ``capture(model, tokens, needs, interventions)`` with needs ``AttentionRows``, ``Residual``,
   ``Logits`` and interventions ``ZeroQuery``, ``AddToQuery``, ``ScaleSinks``, ``ReplaceZ``
 - store: ``ReportStore(path)``, ``Report``
-- census: ``census(model, detectors, store, ...)``
+- census: ``census(model)`` (every detector, a temporary store; ``result.show(view)``, ``result.save(path)``),
+  ``detectors()``; views: ``lens.views.render(store, name, run_id=...)``
 - exploring: ``show_attention(model, text, layer, head)``, any head's attention on your own text
 """
 
@@ -19,13 +20,16 @@ from lens._store.schema import ReportSchema, SchemaMismatchError
 from lens._store.store import Report, ReportStore, StoreError
 from lens._generate import Generation, chat_prompt, generate
 
-# The application layer (census, explorer) sits above the detectors, which import the core above; it
-# loads on first use, so ``import probes`` never re-enters ``lens`` half-initialised.
+# The application layer (census, explorer, views) sits above the detectors, which import the core
+# above; it loads on first use, so ``import probes`` never re-enters ``lens`` half-initialised.
+# name -> (module, attribute; None for the module itself)
 _LAZY = {
-    "CensusResult": "lens._census",
-    "census": "lens._census",
-    "attention_explorer": "lens._explorer",
-    "show_attention": "lens._explorer",
+    "CensusResult": ("lens._census", "CensusResult"),
+    "census": ("lens._census", "census"),
+    "attention_explorer": ("lens._explorer", "attention_explorer"),
+    "show_attention": ("lens._explorer", "show_attention"),
+    "views": ("lens.views", None),
+    "detectors": ("probes", "available"),  # lens.detectors(): the registered detector names
 }
 
 
@@ -33,7 +37,9 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        value = getattr(importlib.import_module(_LAZY[name]), name)
+        module_name, attribute = _LAZY[name]
+        module = importlib.import_module(module_name)
+        value = module if attribute is None else getattr(module, attribute)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'lens' has no attribute {name!r}")
@@ -57,7 +63,9 @@ __all__ = [
     "Generation",
     "AddToQuery",
     "attention_explorer",
+    "detectors",
     "show_attention",
+    "views",
     "AttentionBlock",
     "AttentionRows",
     "DEFAULT_MODEL",

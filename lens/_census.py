@@ -13,6 +13,8 @@ import datetime as dt
 import json
 import platform
 import secrets
+import sys
+import tempfile
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,33 +52,52 @@ def new_run_id() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
 
-def parse_params(detector: type[Detector], assignments: dict[str, str]) -> object:
-    """Build a detector's parameter dataclass from ``{"field": "text value"}``."""
-    params_type = detector.ParamsType
-    hints = typing.get_type_hints(params_type)
-    fields = {f.name for f in dataclasses.fields(params_type)}
-    values = {}
-    for key, text in assignments.items():
-        if key not in fields:
-            raise ProbeError(f"detector {detector.name!r} has no parameter {key!r}; parameters: {sorted(fields)}")
-        kind = hints[key]
-        try:
-            values[key] = (text.lower() in ("1", "true", "yes")) if kind is bool else json.loads(text) if kind not in (str,) else text
-            if kind in (int, float):
-                values[key] = kind(values[key])
-        except (ValueError, TypeError):
-            raise ProbeError(f"parameter {detector.name}.{key}: cannot read {text!r} as {getattr(kind, '__name__', kind)}") from None
-    return params_type(**values)
-
-
 @dataclass
 class CensusResult:
+    """A finished run: its reports are in ``store``; in a notebook it shows its claims and overview."""
+
     run_id: str
     model: str
     store: ReportStore
     reports: dict[str, list[Report]] = field(default_factory=dict)
     summary: dict[str, list[str]] = field(default_factory=dict)
     n_forward_passes: int = 0
+
+    def claims(self) -> pd.DataFrame:
+        """Every detector's claims: estimate, 95% interval, n, p-value, method."""
+        columns = ["detector", "claim", "estimate", "ci_low", "ci_high", "n", "unit", "p_value", "method"]
+        return self.store.read("summary", run_id=self.run_id)[columns]
+
+    def views(self) -> list[str]:
+        """Names of the views this run can draw (for ``show``)."""
+        from lens.views import run_views
+
+        return run_views(self.store, self.run_id)
+
+    def show(self, view: str = "overview.labels"):
+        """Draw one view of this run (``result.views()`` lists them) and return the figure."""
+        from lens.views import render
+
+        return render(self.store, view, run_id=self.run_id)
+
+    def save(self, store: ReportStore | str | Path) -> ReportStore:
+        """Keep this run in ``store`` (a run made in a temporary store is otherwise lost)."""
+        target = store if isinstance(store, ReportStore) else ReportStore(store)
+        self.store.copy_run(self.run_id, target)
+        return target
+
+    def _repr_html_(self) -> str:
+        claims = self.claims().drop(columns="method")
+        return (f"<b>census {self.run_id}</b> on {self.model}: {self.n_forward_passes} forward passes, store "
+                f"<code>{self.store.path}</code>" + claims.to_html(index=False, float_format=lambda v: f"{v:.4g}"))
+
+    def _ipython_display_(self) -> None:
+        """In a notebook: the claims table, then the overview figure (drawn by plotly's own renderer)."""
+        from IPython.display import HTML, display
+
+        display(HTML(self._repr_html_()))
+        if "overview.labels" in self.views():
+            self.show("overview.labels").show()
 
 
 def _lockstep(streams: dict[str, Iterator[ForwardPass]]) -> Iterator[list[tuple[str, ForwardPass]]]:
@@ -97,8 +118,8 @@ def _lockstep(streams: dict[str, Iterator[ForwardPass]]) -> Iterator[list[tuple[
 
 def census(
     model,
-    detectors: Sequence[str],
-    store: ReportStore | str | Path,
+    detectors: Sequence[str] | None = None,
+    store: ReportStore | str | Path | None = None,
     *,
     probes_file: str | Path | None = None,
     probes: Mapping[str, Sequence[dict]] | None = None,
@@ -108,18 +129,25 @@ def census(
     bos: str = "auto",
     preset: str = "quick",
     on_pass: Callable[[int, int], None] | None = None,
+    progress: bool | None = None,
 ) -> CensusResult:
-    """Run ``detectors`` on ``model`` and write their reports into ``store``.
+    """Run ``detectors`` (default: every registered one) on ``model`` and write their reports into
+    ``store`` (default: a new temporary store; ``result.save(path)`` keeps the run).
 
     ``probes`` maps a detector name to its own probe dicts (Python API; it overrides ``probes_file``
     and the built-in probes for that detector, so detectors with different probe formats can share a
-    census). ``params`` maps a detector name to ``{parameter: text value}``. ``on_pass(done, total)`` reports
+    census). ``progress`` draws a progress bar (default: in a notebook). ``params`` maps a detector name to ``{parameter: text value}``. ``on_pass(done, total)`` reports
     progress (total counts every detector's probes). ``bos`` is the BOS policy of every probe text
     (``Model.tokenize``): ``"auto"`` follows the tokenizer (Gemma 3 adds ``<bos>``, SmolLM2 nothing),
     ``"always"`` or ``"never"``; the run manifest records it. ``preset`` ("quick" or "full") picks each
     detector's preset parameters; ``params`` override them. Bad input raises before anything is run.
     """
+    detectors = list(detector_registry.available()) if detectors is None else list(detectors)
+    if store is None:  # a notebook run: keep it with ``result.save(store)``
+        store = ReportStore(tempfile.mkdtemp(prefix="lens-store-"))
     store = store if isinstance(store, ReportStore) else ReportStore(store)
+    if on_pass is None and (progress or (progress is None and "ipykernel" in sys.modules)):
+        on_pass = _notebook_progress()
     store.check_writable()
     params = params or {}
     classes = {name: detector_registry.get(name) for name in detectors}
@@ -132,7 +160,7 @@ def census(
         raise ProbeError(f"bos must be one of {', '.join(BOS_POLICIES)}, got {bos!r}")
     torch.manual_seed(seed)
     instances = {
-        name: cls(model, parse_params(cls, {**cls.presets.get(preset, {}), **params.get(name, {})}), seed=seed, bos=bos)
+        name: cls(model, cls.parse_params({**cls.presets.get(preset, {}), **params.get(name, {})}), seed=seed, bos=bos)
         for name, cls in classes.items()
     }
     file_probes = read_probe_file(probes_file) if probes_file else None
@@ -204,6 +232,21 @@ def census(
         frame = pd.DataFrame([{k: v for k, v in row.items() if k != "detector"}])
         store.write(Report("runs", frame, run_id, model.name, row["detector"]))
     return result
+
+
+def _notebook_progress() -> Callable[[int, int], None]:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc="census", unit="probe")
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    return update
 
 
 def _passes(detector: Detector, probes: list[dict]) -> Iterator[ForwardPass]:

@@ -55,19 +55,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _parse_param_flags(flags: list[str]) -> dict[str, dict[str, str]]:
-    from probes import ProbeError
-
-    params: dict[str, dict[str, str]] = {}
-    for flag in flags:
-        target, sep, value = flag.partition("=")
-        detector, dot, name = target.partition(".")
-        if not sep or not dot or not detector or not name:
-            raise ProbeError(f"--param {flag!r}: expected DETECTOR.NAME=VALUE")
-        params.setdefault(detector, {})[name] = value
-    return params
-
-
 def _cmd_census(args) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -82,7 +69,9 @@ def _cmd_census(args) -> int:
         probes.get(name)  # unknown detector: fail before loading the model
     if args.limit is not None and args.limit < 1:
         raise probes.ProbeError("--limit must be at least 1")
-    params = _parse_param_flags(args.param)
+    from probes import parse_param_flags
+
+    params = parse_param_flags(args.param)
     lens.ReportStore(args.store).check_writable()
     started = time.perf_counter()
     with console.status(f"loading {args.model or lens.DEFAULT_MODEL}"):

@@ -12,7 +12,8 @@ import dataclasses
 import json
 import math
 import random
-from collections.abc import Callable, Iterator, Sequence
+import typing
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, ClassVar
@@ -113,6 +114,18 @@ class Params:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
 
+def parse_param_flags(flags: Sequence[str]) -> dict[str, dict[str, str]]:
+    """``["sinks.eps=0.2", ...]`` (the CLI's ``--param``) -> ``{"sinks": {"eps": "0.2"}}``."""
+    params: dict[str, dict[str, str]] = {}
+    for flag in flags:
+        target, sep, value = flag.partition("=")
+        detector, dot, name = target.partition(".")
+        if not sep or not dot or not detector or not name:
+            raise ProbeError(f"--param {flag!r}: expected DETECTOR.NAME=VALUE")
+        params.setdefault(detector, {})[name] = value
+    return params
+
+
 def summary_report(claims: Sequence[Claim | tuple[str, float, str]]) -> Report:
     """The ``summary`` report of a detector's claims. A ``(name, value, detail)`` tuple is a point
     value with no interval yet (being migrated to ``Claim``); its method says so."""
@@ -155,6 +168,36 @@ class Detector:
         # Set by the census before the first pass: files a detector saves go into the store, named by run.
         self.run_id = ""
         self.store = None
+
+    @classmethod
+    def parse_params(cls, assignments: Mapping[str, str]) -> Params:
+        """The parameter dataclass from ``{"name": "text value"}``, validated by pydantic against the
+        declared types (and any ``Annotated`` constraints): a value is read as JSON (``0.2``, ``true``,
+        ``"first"``), else as plain text; a wrong type, a list, or a misspelt boolean is one clear error."""
+        from pydantic import TypeAdapter, ValidationError
+
+        params_type = cls.ParamsType
+        hints = typing.get_type_hints(params_type, include_extras=True)
+        names = [f.name for f in dataclasses.fields(params_type)]
+        values = {}
+        for key, text in assignments.items():
+            if key not in names:
+                raise ProbeError(f"detector {cls.name!r} has no parameter {key!r}; parameters: {sorted(names)}")
+            adapter = TypeAdapter(hints[key])
+            try:
+                values[key] = adapter.validate_json(text)
+            except ValidationError as as_json:
+                try:
+                    values[key] = adapter.validate_python(text)
+                except ValidationError as as_text:
+                    # Not JSON at all: the plain-text reading says what is wrong; else the JSON one does.
+                    error = as_text if as_json.errors()[0]["type"] == "json_invalid" else as_json
+                    raise ProbeError(f"parameter {cls.name}.{key}={text!r}: {error.errors()[0]['msg']}") from None
+        try:
+            return TypeAdapter(params_type).validate_python(values)
+        except ValidationError as error:
+            first = error.errors()[0]
+            raise ProbeError(f"parameter {cls.name}.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
     # -- probes ---------------------------------------------------------------------------------
     def builtin_probes(self) -> list[dict]:

@@ -27,10 +27,12 @@ from __future__ import annotations
 import math
 import unicodedata
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from lens._capture.needs import AttentionBlock, AttentionRows, Logits
@@ -100,22 +102,22 @@ LOCALITY_EXCERPT = ReportSchema(
 
 @dataclass
 class PreplanAnchorParams(Params):
-    n_probes: int = 4
-    max_new_tokens: int = 150
-    temperature: float = 0.0  # 0: greedy; > 0: sampling seeded by the run's seed and the probe index
-    share: float = 0.3
+    n_probes: Annotated[int, Field(ge=1)] = 4
+    max_new_tokens: Annotated[int, Field(ge=2)] = 150
+    temperature: Annotated[float, Field(ge=0)] = 0.0  # 0: greedy; > 0: sampling seeded by the run's seed and the probe index
+    share: Annotated[float, Field(gt=0, le=0.5)] = 0.3
     middle_layers: bool = False
-    window: int = 10
-    fai_lo: int = 10
-    fai_hi: int = 100
-    anchor_fai: str = "window"  # "window" (fai) or "all" (fai_all, every later token)
-    preplan_share: float = 0.4
-    anchor_share: float = 0.4
-    coupling_k: int = 3
-    local_waad_quantile: float = 0.5
-    sink_keys: str = "first"  # "first" or "detected"
-    sink_eps: float = 0.05
-    excerpt_size: int = 128
+    window: Annotated[int, Field(ge=1)] = 10
+    fai_lo: Annotated[int, Field(ge=1)] = 10
+    fai_hi: Annotated[int, Field(ge=1)] = 100
+    anchor_fai: Literal["window", "all"] = "window"  # "window" (fai) or "all" (fai_all, every later token)
+    preplan_share: Annotated[float, Field(gt=0, le=1)] = 0.4
+    anchor_share: Annotated[float, Field(gt=0, le=1)] = 0.4
+    coupling_k: Annotated[int, Field(ge=0)] = 3
+    local_waad_quantile: Annotated[float, Field(ge=0, le=1)] = 0.5
+    sink_keys: Literal["first", "detected"] = "first"
+    sink_eps: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    excerpt_size: Annotated[int, Field(ge=1)] = 128
 
 
 @dataclass
@@ -159,10 +161,6 @@ class PreplanAnchor(Detector):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.params.anchor_fai not in ("window", "all"):
-            raise ProbeError(f"parameter preplan_anchor.anchor_fai must be 'window' or 'all', not {self.params.anchor_fai!r}")
-        if self.params.sink_keys not in ("first", "detected"):
-            raise ProbeError(f"parameter preplan_anchor.sink_keys must be 'first' or 'detected', not {self.params.sink_keys!r}")
         self.traces: list[Trace] = []
         self.excerpt: pd.DataFrame | None = None
         self.n_skipped = 0

@@ -12,6 +12,7 @@ overwritten, and concurrent writers cannot lose each other's rows.
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,6 +142,31 @@ class ReportStore:
             tmp.unlink(missing_ok=True)
             raise StoreError(f"cannot write to store {self.path}: {error.strerror or error}") from None
         return final
+
+    def copy_run(self, run_id: str, target: ReportStore) -> int:
+        """Copy every file of run ``run_id`` (reports and artifacts) into ``target``, each atomically,
+        the run manifest last, so the copy is a finished run only once it is complete. Returns the
+        number of files copied."""
+        if self.path.resolve() == target.path.resolve():
+            return 0
+        target.check_writable()
+        run_dir = f"run_id={_partition_value(run_id)}"
+        files = [f for t in self.report_types() if t != "runs" for f in (self.path / t).glob(f"model=*/{run_dir}/*.parquet")]
+        files += [f for f in (self.path / "artifacts").rglob(f"{run_id}.*") if f.is_file()] if (self.path / "artifacts").exists() else []
+        files += sorted((self.path / "runs").glob(f"model=*/{run_dir}/*.parquet"))
+        for source in files:
+            relative = source.relative_to(self.path)
+            tmp = target.path / ".tmp" / f"copy-{uuid.uuid4().hex}"
+            try:
+                shutil.copyfile(source, tmp)
+                with open(tmp, "rb") as handle:
+                    os.fsync(handle.fileno())
+                (target.path / relative).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, target.path / relative)
+            except OSError as error:
+                tmp.unlink(missing_ok=True)
+                raise StoreError(f"cannot write to store {target.path}: {error.strerror or error}") from None
+        return len(files)
 
     def files(self, report_type: str, model: str | None = None, run_id: str | None = None) -> list[Path]:
         root = self.path / report_type

@@ -18,4 +18,6 @@ for _module in pkgutil.iter_modules(__path__):
     if not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["VIEWS", "View", "available_views", "render", "view"]
+from lens.views.report import run_views  # noqa: E402  (after the view modules registered)
+
+__all__ = ["VIEWS", "View", "available_views", "render", "run_views", "view"]

@@ -1,5 +1,6 @@
-"""Views of the circuits detector: per-task head importance side by side, the task x task overlap of
-in-circuit heads, which in-circuit heads are shared and which unique, and how the fast attribution
+"""Views of the circuits detector: per-task head importance side by side, the faithfulness curve (heads
+kept on x, with its bootstrap band), the task x task overlap of in-circuit heads (with intervals and the
+stratified p-value), which in-circuit heads are shared and which unique, and how the fast attribution
 methods agree with exact patching."""
 
 from __future__ import annotations
@@ -9,16 +10,40 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from lens.views.charts import head_grid, head_label, no_data
+from lens.views.charts import _transparent, add_threshold, head_grid, head_label, no_data
 from lens.views.style import CATEGORICAL, DIVERGING, NEUTRAL, SEQUENTIAL, detector_color, styled
 from lens.views._registry import view
 
 COLOR = detector_color("circuits")
-METHOD_LABELS = {"patching": "exact patching", "attribution": "attribution patching", "eap_ig": "EAP-IG"}
+METHOD_LABELS = {"patching": "exact patching", "path_patching": "path patching", "attribution": "attribution patching", "eap_ig": "EAP-IG"}
 
 
 def _exact(heads: pd.DataFrame) -> pd.DataFrame:
     return heads[heads["method"] == "patching"]
+
+
+@view("circuits.faithfulness", title="Faithfulness curve: heads kept against the share of the task kept", reports=("circuit_faithfulness", "circuit_tasks"))
+def faithfulness_curve(frames):
+    curve = frames["circuit_faithfulness"]
+    title = "Normalised faithfulness of the top-k heads (others mean-ablated)"
+    if curve.empty:
+        return no_data(title, "no faithfulness rows in this run", width="double")
+    n_pairs = dict(zip(frames["circuit_tasks"]["task"], frames["circuit_tasks"]["n_pairs"]))
+    fig = go.Figure()
+    for color, (task, rows) in zip(CATEGORICAL, curve.groupby("task", sort=False)):
+        rows = rows[rows["n_heads"] > 0].sort_values("n_heads")  # log axis: k = 0 is the ablated baseline, 0 by definition
+        x = rows["n_heads"].tolist()
+        fig.add_trace(go.Scatter(x=x + x[::-1], y=rows["ci_high"].tolist() + rows["ci_low"].tolist()[::-1], fill="toself", mode="lines",
+                                 line=dict(width=0), fillcolor=_transparent(color, 0.2), hoverinfo="skip", showlegend=False))
+        fig.add_trace(go.Scatter(x=x, y=rows["faithfulness"], mode="lines", name=f"{task} (n={n_pairs.get(task, '?')} pairs)", line=dict(color=color, width=1.2),
+                                 hovertemplate="%{x} heads: %{y:.3f}<extra>" + task + "</extra>"))
+        cut = rows[rows["is_cut"]]
+        fig.add_trace(go.Scatter(x=cut["n_heads"], y=cut["faithfulness"], mode="markers", marker=dict(color=color, size=6, symbol="diamond"),
+                                 showlegend=False, hovertemplate="cut at %{x} heads: %{y:.3f}<extra>" + task + "</extra>"))
+    add_threshold(fig, 1.0, "full model")
+    fig.update_layout(title=title, xaxis_title="heads kept (top by |exact patching score|)", xaxis_type="log", yaxis_title="normalised faithfulness",
+                      legend=dict(font=dict(size=7)))
+    return styled(fig, width="double", height_in=2.6)
 
 
 @view("circuits.importance", title="Head importance per task, side by side", reports=("circuit_heads",))
@@ -76,8 +101,9 @@ def overlap(frames, method: str = "patching"):
     pairs = pairs[pairs["method"] == method]
     tasks = list(frames["circuit_tasks"]["task"])
     title = f"Jaccard overlap of in-circuit heads ({METHOD_LABELS.get(method, method)})"
+    tasks = [t for t, can in zip(tasks, frames["circuit_tasks"]["can_do"]) if can]
     if len(tasks) < 2:
-        return no_data(title, "fewer than two tasks in this run")
+        return no_data(title, "fewer than two tasks the model can do in this run")
     index = {task: i for i, task in enumerate(tasks)}
     values = np.eye(len(tasks))
     text = [["" for _ in tasks] for _ in tasks]
@@ -87,7 +113,7 @@ def overlap(frames, method: str = "patching"):
     for row in pairs.itertuples():
         i, j = index[row.task_a], index[row.task_b]
         values[i, j] = values[j, i] = row.jaccard
-        label = f"{row.jaccard:.2f}<br>{row.n_shared} shared<br>p={row.p_value:.1g}"
+        label = f"{row.jaccard:.2f} [{row.jaccard_low:.2f}, {row.jaccard_high:.2f}]<br>{row.n_shared} shared ({row.null_shared:.1f} by chance)<br>p_adj={row.p_adjusted:.1g}"
         text[i][j] = text[j][i] = label
     fig = go.Figure(
         go.Heatmap(

@@ -62,9 +62,21 @@ def test_unwritable_store(capsys, tmp_path):
     assert code == 2 and "not writable" in err
 
 
-def test_bad_param(capsys, tmp_path):
-    code, _, err = _run(capsys, "census", "--model", "tiny-llama", "--detectors", "sinks", "--param", "sinks.nope=1", "--store", str(tmp_path / "s"))
-    assert code == 2 and "no parameter 'nope'" in err
+@pytest.mark.parametrize(
+    ("flag", "expected"),
+    [
+        ("sinks.nope=1", "no parameter 'nope'"),
+        ("sinks.calibrate=flase", "valid boolean"),
+        ("sinks.eps=[1,2]", "valid number"),
+        ("preplan_anchor.share=0.9", "less than or equal to 0.5"),
+        ("preplan_anchor.sink_keys=all", "'first' or 'detected'"),
+        ("sinks", "expected DETECTOR.NAME=VALUE"),
+    ],
+)
+def test_bad_param(capsys, tmp_path, flag, expected):
+    code, _, err = _run(capsys, "census", "--model", "tiny-llama", "--detectors", "sinks,preplan_anchor", "--param", flag, "--store", str(tmp_path / "s"))
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "s" / "runs").exists()
 
 
 def test_census_end_to_end_via_python_m(tmp_path):

@@ -9,15 +9,18 @@ import torch
 
 from metrics.circuits import (
     attribution_score,
+    bootstrap_circuits,
     containment,
-    faithfulness,
-    hypergeometric_tail,
+    faithful_cut,
     jaccard,
     logit_difference,
+    normalized_faithfulness,
+    overlap_measures,
     patching_score,
     ranks,
-    smallest_faithful,
     spearman,
+    stratified_overlap_null,
+    stratified_overlap_p,
     top_fraction,
     top_k,
 )
@@ -74,18 +77,6 @@ def test_overlap_arithmetic_hand_checked():
     assert jaccard(a, a) == 1.0 and jaccard(a, mask(10, [9])) == 0.0
 
 
-def test_hypergeometric_tail_hand_checked():
-    # N=10, |A|=4, |B|=3: P(X>=2) = [C(4,2)C(6,1) + C(4,3)C(6,0)] / C(10,3) = (36 + 4) / 120.
-    assert hypergeometric_tail(10, 4, 3, 2) == pytest.approx(40 / 120)
-    assert hypergeometric_tail(10, 4, 3, 0) == pytest.approx(1.0)
-    assert hypergeometric_tail(10, 4, 3, 4) == 0.0
-    # Two 5-head circuits among 270 sharing all 5 heads: 1 / C(270, 5).
-    assert hypergeometric_tail(270, 5, 5, 5) == pytest.approx(1 / math.comb(270, 5))
-    # The tail sums the probability mass function, which sums to 1.
-    pmf = [hypergeometric_tail(30, 8, 6, k) - hypergeometric_tail(30, 8, 6, k + 1) for k in range(7)]
-    assert sum(pmf) == pytest.approx(1.0)
-
-
 def test_spearman_against_hand_ranks_and_ties():
     assert ranks(torch.tensor([10.0, 30.0, 20.0, 20.0])).tolist() == [1.0, 4.0, 2.5, 2.5]
     x = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
@@ -96,9 +87,84 @@ def test_spearman_against_hand_ranks_and_ties():
     assert math.isnan(spearman(x, torch.ones(5)))
 
 
-def test_faithfulness_and_smallest_faithful_size():
-    ld_clean = torch.tensor([2.0, 4.0])
-    kept = faithfulness(torch.tensor([[0.0, 1.0, 1.8], [1.0, 2.0, 3.0]]), ld_clean)
-    torch.testing.assert_close(kept, torch.tensor([1 / 6, 0.5, 0.8]))
-    assert smallest_faithful([0, 5, 10], kept, 0.8) == 10
-    assert smallest_faithful([0, 5, 10], kept, 0.9) is None
+def test_normalized_faithfulness_and_cut():
+    ld_clean, ld_ablated = torch.tensor([2.0, 4.0]), torch.tensor([0.0, 1.0])  # means 3 and 0.5
+    curve = normalized_faithfulness(torch.tensor([[0.0, 1.0, 1.8, 2.0], [1.0, 2.0, 3.0, 4.0]]), ld_clean, ld_ablated)
+    torch.testing.assert_close(curve, torch.tensor([0.0, 0.4, 0.76, 1.0]))
+    assert faithful_cut(curve, 0.7) == 2 and faithful_cut(curve, 0.8) == 3 and faithful_cut(curve, 1.1) is None
+    assert faithful_cut(torch.tensor([0.9, 0.1, 0.95]), 0.8) == 2  # k = 0 (no heads) is never the circuit
+
+
+def hypergeometric_pmf(n: int, k_a: int, k_b: int) -> list[float]:
+    """P(|A & B| = x) for B a uniformly random k_b-subset of n items and |A| = k_a."""
+    return [math.comb(k_a, x) * math.comb(n - k_a, k_b - x) / math.comb(n, k_b) for x in range(min(k_a, k_b) + 1)]
+
+
+def stratified_tail(a: torch.Tensor, b: torch.Tensor, observed: int) -> float:
+    """Exact P(overlap >= observed) under the stratified null: the per-layer hypergeometric laws convolved."""
+    distribution = [1.0]
+    for layer in range(a.shape[0]):
+        pmf = hypergeometric_pmf(a.shape[1], int(a[layer].sum()), int(b[layer].sum()))
+        out = [0.0] * (len(distribution) + len(pmf) - 1)
+        for i, p in enumerate(distribution):
+            for j, q in enumerate(pmf):
+                out[i + j] += p * q
+        distribution = out
+    return sum(distribution[observed:])
+
+
+def random_circuit(profile: list[int], n_heads: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.stack([torch.randperm(n_heads, generator=generator) < count for count in profile])
+
+
+def test_stratified_null_matches_the_exact_convolution():
+    generator = torch.Generator().manual_seed(0)
+    profile = [0] * 20 + [2, 3, 1, 2, 0, 1, 3, 2, 1, 0]  # a late-layer circuit, 30 layers x 9 heads
+    a, b = random_circuit(profile, 9, generator), random_circuit(profile, 9, generator)
+    b[20:] = a[20:] | b[20:]  # plant extra sharing, so the tail is small but not zero
+    observed = int((a & b).sum())
+    null = stratified_overlap_null(a, b, 40_000, generator)
+    assert (null.float().mean() - sum(int(a[l].sum()) * int(b[l].sum()) / 9 for l in range(30))).abs() < 0.05
+    p = stratified_overlap_p(a, b, 40_000, generator)
+    assert p == pytest.approx(stratified_tail(a, b, observed), abs=0.01)
+    assert (null.view(-1) >= 0).all() and int(null.max()) <= int(torch.minimum(a.sum(1), b.sum(1)).sum())
+
+
+def test_stratified_null_is_uniform_for_independent_circuits_with_the_same_layer_profile():
+    """Two circuits drawn independently with one layer profile: p is (near) uniform, so about 5% fall
+    below 0.05. The all-heads hypergeometric null, blind to the shared profile, rejects most of them."""
+    generator = torch.Generator().manual_seed(1)
+    profile = [0] * 12 + [1, 2, 3, 4, 4, 4, 4, 4, 3, 3, 2, 2, 2, 1, 1, 1, 1, 1]  # 30 layers x 9 heads
+    n_total, k = 270, sum(profile)
+    p_stratified, p_flat = [], []
+    for _ in range(300):
+        a, b = random_circuit(profile, 9, generator), random_circuit(profile, 9, generator)
+        p_stratified.append(stratified_overlap_p(a, b, 1_000, generator))
+        shared = int((a & b).sum())
+        p_flat.append(sum(hypergeometric_pmf(n_total, k, k)[shared:]))
+    p_stratified, p_flat = torch.tensor(p_stratified), torch.tensor(p_flat)
+    # The overlap is discrete, so a valid p is uniform at its attainable levels: P(p <= alpha) is the
+    # largest exact tail probability not above alpha (below alpha between levels, never above).
+    tails = [stratified_tail(a, b, x) for x in range(k + 2)]
+    for alpha in (0.05, 0.1, 0.25, 0.5, 0.75):
+        expected = max(t for t in tails if t <= alpha + 1e-12)
+        assert abs(float((p_stratified <= alpha).float().mean()) - expected) < 0.07, alpha
+        assert expected > alpha - 0.15  # the levels are dense enough to call that near uniform
+    assert float((p_flat <= 0.05).float().mean()) > 0.5
+
+
+def test_bootstrap_circuits_keep_a_planted_head_and_measure_overlap():
+    generator = torch.Generator().manual_seed(2)
+    effect = 0.1 * torch.randn(16, 40, generator=generator)
+    effect[:, 7] += 2.0  # one component carries the effect on every pair
+    effect[:, 3] -= 1.5  # and one against it: ranked by |effect|
+    resamples = torch.randint(0, 16, (200, 16), generator=generator)
+    circuits = bootstrap_circuits([effect, effect], [2, 0], resamples)
+    assert circuits.shape == (200, 40) and (circuits.sum(1) == 2).all()
+    assert circuits[:, 7].all() and circuits[:, 3].all()
+    other = torch.zeros(40, dtype=torch.bool)
+    other[[7, 8]] = True
+    measures = overlap_measures(circuits, other.expand(200, 40))
+    assert torch.allclose(measures["jaccard"], torch.full((200,), 1 / 3, dtype=torch.float64))
+    assert torch.allclose(measures["containment_a"], torch.full((200,), 0.5, dtype=torch.float64))
+    assert math.isnan(float(overlap_measures(other & False, other)["containment_a"]))

@@ -1,5 +1,7 @@
-"""The circuits detector: a planted head in a tiny model, exact patching on the real model against an
-independent computation (transformers' eager model with hooks on o_proj), and probe-file checks."""
+"""The circuits detector: planted heads in a tiny model (activation and path patching), exact patching on
+the real model against independent computations (transformers' eager model with hooks on o_proj, and
+TransformerLens's activation patching on the bridge), path patching to the logits against activation
+patching, and probe-file checks."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 import lens
 from metrics.circuits import logit_difference
 from probes import ProbeError
-from probes.circuits import CircuitParams, Circuits, generate_pairs
+from probes.circuits import CircuitParams, Circuits, Pair, Stage, generate_pairs
 
 
 def write_probes(path, probes):
@@ -27,15 +29,19 @@ def test_builtin_tasks_are_well_formed(smollm2):
         for pair in generate_pairs(tokenizer, task, 20, random.Random(1)):
             clean, corrupt = smollm2.tokenize(pair["clean"]), smollm2.tokenize(pair["corrupt"])
             assert len(clean) == len(corrupt), pair
-            assert (clean != corrupt).any(), pair
+            assert int((clean != corrupt).sum()) == 1, pair  # a minimal difference: one token
             target, foil = smollm2.tokenize(pair["target"]), smollm2.tokenize(pair["foil"])
             assert len(target) == len(foil) == 1 and target != foil, pair
     builtin = Circuits(smollm2, CircuitParams(pairs_per_task=2)).builtin_probes()
     assert [p["task"] for p in builtin[:4]] == ["ioi", "colored_objects", "capitals", "induction"]  # --limit keeps a mix
     assert len(builtin) == 8
-    ioi = generate_pairs(tokenizer, "ioi", 5, random.Random(2))
-    for pair in ioi:  # ABC: the corrupted prompt names neither the target nor the foil
-        assert pair["target"].strip() not in pair["corrupt"] and pair["foil"].strip() not in pair["corrupt"]
+    for pair in generate_pairs(tokenizer, "ioi", 6, random.Random(2)):
+        # S2 becomes the indirect object: the clean prompt names the subject twice, the corrupted one the target.
+        subject, io = pair["foil"].strip(), pair["target"].strip()
+        assert pair["clean"].count(subject) == 2 and pair["clean"].count(io) == 1
+        assert pair["corrupt"].count(subject) == 1 and pair["corrupt"].count(io) == 2
+    orders = {p["clean"].index(p["target"].strip()) < p["clean"].index(p["foil"].strip()) for p in generate_pairs(tokenizer, "ioi", 4, random.Random(3))}
+    assert orders == {True, False}  # ABBA and BABA both present
 
 
 def test_patching_finds_a_planted_head(tmp_path):
@@ -59,11 +65,18 @@ def test_patching_finds_a_planted_head(tmp_path):
     others = exact.drop(index=[planted])
     assert others["importance"].abs().max() < 1e-4
     assert exact["in_circuit"].sum() == 1 and exact.loc[planted, "in_circuit"]
+    path = heads[heads["method"] == "path_patching"]
+    assert list(dict.fromkeys(path["stage"])) == ["induction", "previous_token"]  # the task's declared stages, in order
+    to_logits = path[path["stage"] == "induction"].set_index(["layer", "head"])
+    assert to_logits.loc[planted, "importance"] == pytest.approx(1.0, abs=1e-4) and to_logits.loc[planted, "in_circuit"]
     for method in ("attribution", "eap_ig"):  # the fast estimates rank it first too
         estimate = heads[heads["method"] == method].set_index(["layer", "head"])["importance"]
         assert estimate.abs().idxmax() == planted
     tasks = store.read("circuit_tasks", run_id=result.run_id)
     assert tasks.loc[0, "faithfulness"] == pytest.approx(1.0, abs=1e-4)  # the planted head is the whole model
+    assert tasks.loc[0, "n_in_circuit"] == 1  # cut at one head: it alone reaches the target
+    curve = store.read("circuit_faithfulness", run_id=result.run_id).set_index("n_heads")["faithfulness"]
+    assert curve.loc[0] == pytest.approx(0.0, abs=1e-6) and (curve.loc[1:] - 1.0).abs().max() < 1e-4
     assert pd.isna(tasks.loc[0, "repair_accuracy"])  # repair is off by default
 
     # Repair with scale 1 leaves the planted head as it is: accuracy unchanged.
@@ -99,15 +112,20 @@ def eager_patched_ld(reference, clean, corrupt, target, foil, layer, head, d_hea
 def test_exact_patching_on_real_model_equals_eager_hooks(smollm2, eager_reference, tmp_path):
     rng = random.Random(3)
     probes = generate_pairs(smollm2.tokenizer, "ioi", 2, rng) + generate_pairs(smollm2.tokenizer, "capitals", 2, rng)
-    result = lens.census(
-        smollm2, ["circuits"], tmp_path / "store", probes_file=write_probes(tmp_path / "p.jsonl", probes), params={"circuits": {"ig_steps": "2"}}
-    )
+    params = {"circuits": {"ig_steps": "2", "bootstrap": "200", "null_draws": "1000", "path_stages": "0"}}  # path patching: tests below
+    result = lens.census(smollm2, ["circuits"], tmp_path / "store", probes_file=write_probes(tmp_path / "p.jsonl", probes), params=params)
     store = lens.ReportStore(tmp_path / "store")
     heads = store.read("circuit_heads", run_id=result.run_id)
-    assert len(heads) == 2 * 3 * 270
+    assert len(heads) == 2 * 3 * 270 and set(heads["method"]) == {"patching", "attribution", "eap_ig"}
+    assert (heads["ci_low"] <= heads["importance"] + 1e-9).all() and (heads["importance"] <= heads["ci_high"] + 1e-9).all()
     tasks = store.read("circuit_tasks", run_id=result.run_id).set_index("task")
-    overlap = store.read("circuit_overlap", run_id=result.run_id)
-    assert len(overlap) == 3 and set(overlap["method"]) == {"patching", "attribution", "eap_ig"}
+    # Two pairs cannot show a task is done above chance (Wilson interval), so neither enters the overlap.
+    assert not tasks["can_do"].any() and store.read("circuit_overlap", run_id=result.run_id).empty
+    summary = store.read("summary", run_id=result.run_id).set_index("claim")
+    assert summary.loc["circuits.tasks_excluded", "estimate"] == 2
+    curve = store.read("circuit_faithfulness", run_id=result.run_id)
+    assert len(curve) == 2 * 271 and curve[curve["n_heads"] == 270]["faithfulness"].sub(1).abs().max() < 1e-4  # all heads kept: 1
+    assert curve[curve["n_heads"] == 0]["faithfulness"].abs().max() < 1e-6  # none kept: 0
 
     reference = eager_reference(smollm2)
     ioi = [p for p in probes if p["task"] == "ioi"]
@@ -158,3 +176,83 @@ def test_patching_batches_bounded_by_cache_memory_agree(tmp_path, monkeypatch):
         scores.append(heads[heads["method"] == "patching"].sort_values(["layer", "head"])["importance"].to_numpy())
     assert abs(scores[0]).max() > 0
     torch.testing.assert_close(torch.tensor(scores[1]), torch.tensor(scores[0]), atol=1e-5, rtol=0)
+
+
+def run_pairs(model, task: str, n: int, seed: int = 0) -> tuple[Circuits, list[Pair]]:
+    """A detector that has run the census's forward passes for ``n`` built-in pairs of ``task``."""
+    detector = Circuits(model, CircuitParams(pairs_per_task=n), seed=seed)
+    for index, probe in enumerate(generate_pairs(model.tokenizer, task, n, random.Random(seed))):
+        for forward in detector.passes(detector.check_probe(probe, "test"), index):
+            lens.capture(model, forward.tokens[None], forward.needs, forward.interventions)
+            forward.done()
+    return detector, detector._pairs[task]
+
+
+def activation_patching(detector: Circuits, pair: Pair) -> torch.Tensor:
+    info = detector.model.info
+    n = info.n_layers * info.n_heads
+    return detector._final_token_lds(pair, torch.eye(n, dtype=torch.bool).view(n, info.n_layers, info.n_heads), pair.z_corrupt)
+
+
+def test_path_patching_recovers_planted_paths():
+    """Only heads (0, 1) and (1, 2) write to the residual stream. To the logits, path patching of the
+    last layer equals activation patching (nothing downstream to freeze), and without freezing it
+    equals activation patching everywhere. Through the receiver (1, 2)'s query (final position) or
+    its keys and values (where clean and corrupt differ), only the planted sender (0, 1) has an effect."""
+    model = lens.load("tiny-llama")
+    d_head = model.info.d_head
+    with torch.no_grad():
+        for layer_index, layer in enumerate(model.hf.model.layers):
+            for head in range(model.info.n_heads):
+                if (layer_index, head) not in {(0, 1), (1, 2)}:
+                    layer.self_attn.o_proj.weight[:, head * d_head : (head + 1) * d_head] = 0.0
+        # Loud writes, so that the sender moves the receiver and the receiver moves the logits.
+        model.hf.model.layers[0].self_attn.o_proj.weight[:, d_head : 2 * d_head] *= 30.0
+        model.hf.model.layers[1].self_attn.o_proj.weight[:, 2 * d_head : 3 * d_head] *= 30.0
+    detector, pairs = run_pairs(model, "induction", 2)
+    receivers = torch.zeros(2, 4, dtype=torch.bool)
+    receivers[1, 2] = True
+    for pair in pairs:
+        exact = activation_patching(detector, pair)
+        to_logits = detector._path_patch(pair, Stage("movers", "logits"), None)
+        torch.testing.assert_close(to_logits[4:], exact[4:], atol=1e-5, rtol=0)
+        torch.testing.assert_close(detector._path_patch(pair, Stage("movers", "logits"), None, freeze=False), exact, atol=1e-5, rtol=0)
+        for stage in (Stage("inhibition", "movers", "q"), Stage("previous", "movers", "kv", "first_difference")):
+            effect = detector._path_patch(pair, stage, receivers) - pair.ld_clean
+            assert abs(float(effect[1])) > 3e-5, stage  # the planted sender moves the receiver (others: float noise)
+            assert effect[[0, 2, 3]].abs().max() < 1e-6 and effect[4:].abs().max() == 0, stage  # no one else does
+
+
+def test_path_patching_to_logits_is_activation_patching_on_the_real_model(smollm2):
+    """SmolLM2, an IOI pair: path patching to the logits without freezing is exact activation patching
+    for every head; with freezing (the paper's definition), the last layer's heads still equal it."""
+    detector, (pair,) = run_pairs(smollm2, "ioi", 1)
+    exact = activation_patching(detector, pair)
+    free = detector._path_patch(pair, Stage("movers", "logits"), None, freeze=False)
+    torch.testing.assert_close(free, exact, atol=2e-4, rtol=0)
+    frozen = detector._path_patch(pair, Stage("movers", "logits"), None)
+    last = slice((smollm2.info.n_layers - 1) * smollm2.info.n_heads, None)
+    torch.testing.assert_close(frozen[last], exact[last], atol=2e-4, rtol=0)
+    assert (frozen - exact).abs().max() > 1e-3  # freezing matters for earlier heads: not the same measurement
+
+
+def test_activation_patching_equals_transformer_lens_on_the_bridge(smollm2):
+    """The workbench's batched prefix-cache patching against TransformerLens 4.3's
+    ``generic_activation_patch`` on ``model.bridge`` (hook_z at the final position), on SmolLM2."""
+    from transformer_lens.patching import generic_activation_patch, layer_pos_head_vector_patch_setter
+
+    detector, (pair,) = run_pairs(smollm2, "ioi", 1)
+    exact = activation_patching(detector, pair)
+    n_heads = smollm2.info.n_heads
+    chosen = [int(exact.sub(pair.ld_clean).abs().argmax()), 0, 5 * n_heads + 3, 29 * n_heads + 8]
+    bridge = smollm2.bridge
+    _, corrupt_cache = bridge.run_with_cache(pair.corrupt[None])
+    position = len(pair.clean) - 1
+    index = pd.DataFrame({"layer": [i // n_heads for i in chosen], "pos": [position] * len(chosen), "head_index": [i % n_heads for i in chosen]})
+
+    def metric(logits):
+        return logits[0, -1, pair.target] - logits[0, -1, pair.foil]
+
+    reference = generic_activation_patch(bridge, pair.clean[None], corrupt_cache, metric, layer_pos_head_vector_patch_setter, "z", index_df=index)
+    torch.testing.assert_close(exact[chosen], reference.float().cpu(), atol=2e-3, rtol=0)
+    assert (exact[chosen] - pair.ld_clean).abs().max() > 0.05  # a head that matters is among them
