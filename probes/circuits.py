@@ -543,9 +543,8 @@ class Circuits(Detector):
         cache = None
         if start > 0:
             key = ("prefix", start)
-            if key not in pair.suffix_caches:
-                with torch.no_grad():
-                    pair.suffix_caches[key] = decoder(input_ids=pair.clean[None, :start].to(model.device), use_cache=True).past_key_values
+            if key not in pair.suffix_caches:  # keeps every key (Gemma 3's sliding window)
+                pair.suffix_caches[key] = model.prefix_cache(pair.clean[:start])
             cache = copy.deepcopy(pair.suffix_caches[key])
             cache.batch_repeat_interleave(n)
         with torch.no_grad(), session(model, (), list(interventions)), _projection_rows(model, list(slots), record, replace):
