@@ -158,7 +158,8 @@ def first_query_position(position_ids: Int[Tensor, "batch_or_1 q"] | None, q_len
     first = int(position_ids[0, 0])
     expected = torch.arange(first, first + q_len, device=position_ids.device)
     if position_ids.shape[-1] != q_len or not bool((position_ids == expected).all()):
-        raise CachePositionError(f"capture needs consecutive query positions, the same in every batch row; got {position_ids.tolist()}")
+        shown = position_ids[:4, :8].tolist()  # enough to see the problem in one line
+        raise CachePositionError(f"capture needs consecutive query positions, the same in every batch row; got {shown} (first rows and columns)")
     return first
 
 
