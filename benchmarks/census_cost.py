@@ -116,7 +116,6 @@ class DecoderTrace:
 def replay(model, calls: list[dict]) -> None:
     """The traced decoder calls with plain SDPA attention over random tokens, no capture."""
     import torch
-    from transformers import DynamicCache
 
     model.hf.config._attn_implementation = "sdpa"
     decoder, head, embedding = model.hf.get_decoder(), model.hf.get_output_embeddings(), model.hf.get_input_embeddings()
@@ -128,15 +127,14 @@ def replay(model, calls: list[dict]) -> None:
         if call["past"]:
             if cache is None or cache.get_seq_length() < call["past"]:
                 prefix = torch.randint(0, model.tokenizer.vocab_size, (1, call["past"]), generator=generator).to(model.device)
-                with torch.no_grad():
-                    cache = decoder(input_ids=prefix, use_cache=True).past_key_values
+                cache = model.prefix_cache(prefix)  # every key kept, as the census's prefix caches (crop works)
             if cache.get_seq_length() > call["past"]:
                 cache.crop(call["past"] - cache.get_seq_length())  # a negative count drops that many tokens
             if cache.layers[0].keys.shape[0] != call["batch"]:
                 cache.batch_select_indices(torch.zeros(call["batch"], dtype=torch.long, device=model.device))
             past = cache
         elif call["use_cache"]:
-            past = DynamicCache(config=model.hf.config)
+            past = model.new_cache()  # as lens.generate
         with torch.set_grad_enabled(call["grad"]):
             embeds = embedding(ids)
             if call["grad"]:
