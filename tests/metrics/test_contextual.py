@@ -1,11 +1,13 @@
-"""Contextual-head metrics on synthetic tensors with planted answers, and why key vectors do nothing."""
+"""Contextual-head metrics on synthetic tensors with planted answers, the focused mass against attention
+with the direction added, and why key vectors do nothing."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lens._capture.attention import attention_probs
-from metrics.contextual import heads_mean, score_ranks, set_mass, span_keys, top_heads
+from metrics.contextual import focused_set_mass, heads_mean, score_ranks, set_mass, span_keys, top_heads
 
 
 def test_span_keys_marks_half_open_spans():
@@ -63,3 +65,38 @@ def test_vector_added_to_every_key_is_cancelled_by_softmax():
     torch.testing.assert_close(shifted_keys, plain, atol=1e-6, rtol=0)
     shifted_query = attention_probs(query + vector.repeat_interleave(2, dim=1), key, allowed, 0.25)
     assert (shifted_query - plain).abs().max() > 0.05
+
+
+def test_focused_set_mass_equals_attention_with_the_direction_added_to_the_query():
+    """Reweighting the old rows by exp(scaling * v . k) is the softmax of (q + v) . k, masks included."""
+    generator = torch.Generator().manual_seed(2)
+    query = torch.randn(1, 4, 9, 16, generator=generator)
+    key = torch.randn(1, 2, 9, 16, generator=generator)
+    allowed = (torch.arange(9)[None, :] <= torch.arange(9)[:, None])[None, None]
+    allowed = allowed & (torch.arange(9)[None, :] >= torch.arange(9)[:, None] - 4)  # a sliding window of 5
+    direction = torch.randn(4, 16, generator=generator)
+    scaling = 0.3
+    plain = attention_probs(query, key, allowed, scaling)[0]
+    shifted = attention_probs(query + direction[None, :, None, :], key, allowed, scaling)[0]
+    gold = span_keys(9, [(3, 6)])
+    keys = key[0].repeat_interleave(2, dim=0)  # each query head's keys
+    got = focused_set_mass(plain, keys, direction, torch.full((4,), scaling), gold)
+    torch.testing.assert_close(got, set_mass(shifted, gold), atol=1e-5, rtol=0)
+    # A zero direction leaves the mass as it was; the shifted mass above differs from it.
+    torch.testing.assert_close(focused_set_mass(plain, keys, torch.zeros(4, 16), torch.full((4,), scaling), gold), set_mass(plain, gold))
+    assert (set_mass(shifted, gold) - set_mass(plain, gold)).abs().max() > 0.05
+
+
+def test_focused_set_mass_is_differentiable_and_rises_along_the_gold_keys():
+    # One head, one row, uniform over 4 keys; the gold key is e0, the others e1..e3: moving the
+    # direction along e0 raises the gold mass, with a positive gradient along e0.
+    probs = torch.full((1, 1, 4), 0.25)
+    keys = torch.eye(4)[None]
+    gold = span_keys(4, [(0, 1)])
+    direction = torch.zeros(1, 4, requires_grad=True)
+    mass = focused_set_mass(probs, keys, direction, torch.ones(1), gold)
+    assert mass.item() == 0.25
+    mass.sum().backward()
+    assert direction.grad[0, 0] > 0 and (direction.grad[0, 1:] < 0).all()
+    expected = torch.e / (torch.e + 3)
+    assert focused_set_mass(probs, keys, torch.tensor([[1.0, 0, 0, 0]]), torch.ones(1), gold).item() == pytest.approx(expected)
