@@ -1,7 +1,7 @@
 """A long needle-in-a-haystack probe on the CPU: time and peak memory of the retrieval detector.
 
 One built-in probe of ``--length`` haystack tokens (default 4000) with the needle at ``--depth``, run
-through ``lens.census`` (scores only: ``ablation_ks=[0]``) with both scoring paths:
+through ``lens.census`` (scores only: ``ablation_trials=0``) with both scoring paths:
 
 - ``teacher_forced``: generate on the fast path, then one forward over prompt + answer computing
   attention only for the answer's rows (the default);
@@ -40,7 +40,7 @@ def child(model_name: str, length: int, depth: float, scoring: str) -> dict:
             handle.write(json.dumps({"prompt": probe["prompt"], "needle": probe["needle"]}) + "\n")
         started = time.perf_counter()
         result = lens.census(model, ["retrieval"], f"{folder}/store", probes_file=path,
-                             params={"retrieval": {"ablation_ks": "[0]", "scoring": scoring}})
+                             params={"retrieval": {"ablation_trials": "0", "scoring": scoring}})
         seconds = time.perf_counter() - started
         trial = result.reports["retrieval"][1].frame.iloc[0]
     info = model.info

@@ -1,8 +1,10 @@
 """Retrieval heads (Wu et al. 2024, "Retrieval Head Mechanistically Explains Long-Context Factuality").
 
-Needle in a haystack: a needle sentence is inserted at a sentence boundary of filler prose, and a
-question asks for it. The model answers greedily (at most ``max_new_tokens``, stopping at end of turn
-or at a newline once the answer has begun). At every decoding step with generated token y, head (l, h)
+Needle in a haystack: a needle sentence (a fictional fact, number, name, code or place written for the
+project) is inserted at a sentence boundary of real prose, and a question asks for it. The prose is the
+English documentation that ships with Python (``pydoc_data.topics``): its plain paragraphs, deduplicated,
+read from a seeded starting paragraph, so no haystack repeats itself. The model answers greedily (at
+most ``max_new_tokens``, stopping at end of turn or at a newline once the answer has begun). At every decoding step with generated token y, head (l, h)
 earns 1 / len(needle tokens) when the top-1 key of its query row lies inside the needle span and holds
 y. A trial counts when the answer recalls the needle (ROUGE-1 recall > 0.5); retrieval_score is the mean
 over counted trials, and a head with score > 0.1 is a retrieval head.
@@ -13,24 +15,35 @@ answer (query position p generated token p + 1), so memory grows with the contex
 Those rows give the same argmaxes as decoding (``scoring="decode"`` scores while decoding instead; the
 tests show both give the same scores).
 
-Causal test: after scoring, the needle test is re-run with the top-K heads masked against K random
-heads drawn from outside the top max(K) (several seeded draws). Masking zeroes the head's query, which
-makes its attention uniform over the prefix (the reference's masking). Like the reference, only the
-rows that produce the answer are masked (the last prompt position onward), the prompt itself is
-read unmasked; ``mask_prompt=true`` masks every position. ``mask="output"`` zero-ablates the head's
-output instead.
+Head scores carry a 95% percentile-bootstrap interval over counted trials. Presets: ``quick`` (the census
+default, 15 trials) and ``full`` (60 trials); see ``PRESETS``.
+
+Causal test: the top list holds the heads scoring above 0, ranked by score (ties in a seeded random
+order), capped at K (``k_used`` says when fewer than K qualify). The needle test is re-run on trials
+drawn (seeded) from those the unmasked model answered correctly, with the top list masked and, as
+controls, ``ablation_draws`` seeded draws of K heads uniformly from outside the top list and of K heads
+with the same count per layer (layer-matched). The effect is the paired difference in accuracy, top
+minus control (mean over draws), per trial, with its bootstrap interval and a sign-flip permutation
+p-value (Holm-adjusted over the contrasts). With no correct trial the test is not run, and says why.
+Masking zeroes the head's query, which makes its attention uniform over the prefix (the reference's
+masking). Like the reference, only the rows that produce the answer are masked (the last prompt position
+onward), the prompt itself is read unmasked; ``mask_prompt=true`` masks every position. ``mask="output"``
+zero-ablates the head's output instead.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 import random
-from dataclasses import dataclass, field
-from importlib import resources
+import re
+from dataclasses import dataclass
+from functools import cache
 
 import pandas as pd
+import pydoc_data.topics
 import torch
 from jaxtyping import Int
 from torch import Tensor
@@ -46,13 +59,17 @@ from metrics.retrieval import (
     RETRIEVAL_THRESHOLD,
     contains_verbatim,
     copy_hits,
-    fraction_above,
+    layer_matched_control,
+    random_control,
+    rank_heads,
     retrieval_credit,
     retrieval_scores,
     top_key,
+    top_list,
     unigram_recall,
 )
-from probes._base import Detector, ForwardPass, Params, ProbeError, builtin_probe_file, register, summary_report
+from metrics.uncertainty import adjust_p_values, column_mean_intervals
+from probes._base import Claim, Detector, ForwardPass, Params, ProbeError, builtin_probe_file, register, summary_report
 
 RETRIEVAL = ReportSchema(
     "retrieval",
@@ -61,9 +78,11 @@ RETRIEVAL = ReportSchema(
         Column("layer", "int64", "layer index, from 0"),
         Column("head", "int64", "query-head index within the layer, from 0"),
         Column("retrieval_score", "float64", "copy credit per trial (1/needle tokens per step whose top-1 key is the needle token generated), mean over counted trials"),
+        Column("ci_low", "float64", "lower end of the 95% percentile-bootstrap interval of retrieval_score over counted trials (NaN below 2)", nullable=True),
+        Column("ci_high", "float64", "upper end of that interval", nullable=True),
         Column("is_retrieval", "bool", "retrieval_score > threshold"),
         Column("threshold", "float64", "the threshold used (the paper's 0.1)"),
-        Column("rank", "int64", "1 for the highest score; ties broken by layer, then head"),
+        Column("rank", "int64", "1 for the highest score; equal scores in a seeded random order (the order the masking test's top list uses)"),
         Column("n_trials", "int64", "needle trials run"),
         Column("n_counted", "int64", "trials whose answer recalled the needle (ROUGE-1 recall > 0.5), the ones averaged"),
     ),
@@ -74,9 +93,10 @@ RETRIEVAL_TRIALS = ReportSchema(
     "One row per needle-in-a-haystack trial of the retrieval detector.",
     (
         Column("probe", "int64", "probe index, from 0, in the order run"),
-        Column("kind", "string", "needle kind (fact, code, place; 'file' for probe-file lines without one)"),
+        Column("kind", "string", "needle kind (fact, number, name, code, place; 'file' for probe-file lines without one)"),
         Column("depth", "float64", "needle depth asked for (0 = start of the haystack, 1 = end); for probe-file lines, the needle's start over the prompt length"),
         Column("length", "int64", "haystack length asked for, in tokens; for probe-file lines, the prompt's length"),
+        Column("haystack_start", "int64", "first paragraph of the prose corpus the haystack reads from (-1 for probe-file lines)"),
         Column("prompt_tokens", "int64", "tokens of the prompt as fed, chat template included"),
         Column("needle_start", "int64", "first token of the needle span in the prompt"),
         Column("needle_tokens", "int64", "tokens in the needle span"),
@@ -84,8 +104,9 @@ RETRIEVAL_TRIALS = ReportSchema(
         Column("answer", "string", "the model's greedy answer"),
         Column("stopped_by", "string", "what ended the answer: eos, newline or length"),
         Column("recall", "float64", "ROUGE-1 recall of the needle's words in the answer"),
-        Column("exact", "bool", "the answer contains the needle's words verbatim (case and punctuation ignored)"),
+        Column("exact", "bool", "the answer contains the needle's words verbatim (case and punctuation ignored): correct, and eligible for the masking test"),
         Column("counted", "bool", "recall > 0.5: the trial enters the retrieval scores"),
+        Column("masked", "bool", "the trial was drawn for the masking test"),
         Column("top_head", "string", "head with the most copy credit in this trial, as L<layer>.H<head>"),
         Column("top_credit", "float64", "that head's credit in this trial"),
     ),
@@ -93,18 +114,41 @@ RETRIEVAL_TRIALS = ReportSchema(
 
 RETRIEVAL_ABLATION = ReportSchema(
     "retrieval_ablation",
-    "Needle accuracy with the top-K retrieval heads masked against K random heads (the causal test).",
+    "One row per masked answer of the causal test: a trial under the top list or one control draw.",
     (
-        Column("condition", "string", "'top' (the K highest-scoring heads) or 'random' (K heads drawn outside the top max(K))"),
-        Column("k", "int64", "heads masked"),
-        Column("draw", "int64", "random draw index (0 for top); draws are seeded by the census seed"),
-        Column("accuracy", "float64", "fraction of trials whose answer contains the needle verbatim"),
-        Column("mean_recall", "float64", "mean ROUGE-1 recall of the needle in the answers"),
-        Column("recalled", "float64", "fraction of trials with recall > 0.5"),
-        Column("n_trials", "int64", "needle trials per condition"),
+        Column("probe", "int64", "the trial (probe index of retrieval_trials)"),
+        Column("condition", "string", "'top' (the top list), 'random' (K heads from outside the top list) or 'layer_matched' (the top list's count per layer)"),
+        Column("k_requested", "int64", "K asked for"),
+        Column("k_used", "int64", "heads masked: K, or fewer when fewer heads score above 0"),
+        Column("draw", "int64", "control draw, from 0 (0 for top); seeded by the census seed, K and the control"),
+        Column("correct", "bool", "the answer contains the needle verbatim (case and punctuation ignored)"),
+        Column("recall", "float64", "ROUGE-1 recall of the needle in the answer"),
+        Column("answer", "string", "the masked model's greedy answer"),
         Column("heads", "string", "the masked heads, L<layer>.H<head> separated by spaces"),
         Column("mask", "string", "'query' (zeroed query: uniform attention) or 'output' (zeroed head output)"),
         Column("mask_prompt", "bool", "false: only the rows producing the answer are masked (as the reference); true: every position"),
+    ),
+)
+
+RETRIEVAL_MASKING = ReportSchema(
+    "retrieval_masking",
+    "The causal test per K and control: paired difference in accuracy, top list masked minus control masked, over trials.",
+    (
+        Column("k_requested", "int64", "K asked for"),
+        Column("k_used", "int64", "heads in the top list: K, or fewer when fewer heads score above 0"),
+        Column("control", "string", "'random' (uniform outside the top list) or 'layer_matched' (same count per layer, outside the top list)"),
+        Column("status", "string", "'run', or 'not run: <why>'"),
+        Column("n_trials", "int64", "trials masked (drawn from those the unmasked model answered correctly)"),
+        Column("n_draws", "int64", "control draws per trial"),
+        Column("top_accuracy", "float64", "accuracy with the top list masked, mean over trials", nullable=True),
+        Column("control_accuracy", "float64", "accuracy with a control masked, mean over draws and trials", nullable=True),
+        Column("effect", "float64", "mean over trials of (top accuracy - control accuracy): negative when the top heads matter more", nullable=True),
+        Column("ci_low", "float64", "lower end of the effect's 95% bootstrap interval over trials", nullable=True),
+        Column("ci_high", "float64", "upper end of that interval", nullable=True),
+        Column("p_value", "float64", "two-sided sign-flip permutation p-value of the effect", nullable=True),
+        Column("p_holm", "float64", "p_value Holm-adjusted over the run contrasts of this census", nullable=True),
+        Column("mask", "string", "'query' or 'output'"),
+        Column("mask_prompt", "bool", "whether the prompt rows were masked too"),
     ),
 )
 
@@ -112,24 +156,43 @@ QUESTION = "<book>{context}</book>\nBased on the content of the book, Question: 
 SENTENCE_ENDS = (".", "!", "?")
 
 
+DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
+# Grid and causal-test sizes per preset; a parameter given explicitly overrides its preset's value.
+# quick (the census default): 15 trials, each needle kind 3 times, masking on 2 trials (about 2 minutes
+# of CPU). full: 60 trials (each of the 25 needles 2 or 3 times), masking on 20 trials at three K.
+PRESETS = {
+    "quick": {"lengths": [500, 1000, 2000], "depths": DEPTHS, "needles_per_cell": 1, "ablation_ks": [10], "ablation_trials": 2},
+    "full": {"lengths": [500, 1000, 2000, 4000], "depths": DEPTHS, "needles_per_cell": 3, "ablation_ks": [5, 10, 20], "ablation_trials": 20},
+}
+CONTROLS = {"random": random_control, "layer_matched": layer_matched_control}
+
+
 @dataclass
 class RetrievalParams(Params):
-    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    lengths: list[int] = field(default_factory=lambda: [500, 1000, 2000])
-    # Needles per (depth, length) cell; they rotate over the cells, so with 5 depths and 3 needles each
-    # needle meets every depth and every length even at 1. Set it to the number of needles for all.
-    needles_per_cell: int = 1
+    preset: str = "quick"  # or "full"; the None fields below take the preset's values
+    depths: list[float] | None = None
+    lengths: list[int] | None = None
+    # Needles per (depth, length) cell; trial i gets needle i (mod 25), so consecutive trials cycle
+    # through fact, number, name, code and place needles.
+    needles_per_cell: int | None = None
     max_new_tokens: int = 50
     threshold: float = RETRIEVAL_THRESHOLD
     recall_threshold: float = RECALL_THRESHOLD
     scoring: str = "teacher_forced"  # or "decode"
-    # The causal test re-decodes ablation_probes prompts (the shortest of the run) once per masked
-    # condition: len(ks without 0) x (1 + draws) answers each. Defaults sized for the CPU budget.
-    ablation_ks: list[int] = field(default_factory=lambda: [0, 5, 10, 20, 30])
-    ablation_draws: int = 2
-    ablation_probes: int = 2
+    # The causal test re-decodes ablation_trials trials (drawn from the correct ones; 0 skips the test)
+    # once per masked condition: 1 + 2 x ablation_draws answers per K and trial.
+    ablation_ks: list[int] | None = None
+    ablation_draws: int = 10
+    ablation_trials: int | None = None
     mask: str = "query"  # or "output"
     mask_prompt: bool = False
+
+    def resolved(self) -> RetrievalParams:
+        """These parameters with every None taken from the preset."""
+        if self.preset not in PRESETS:
+            raise ProbeError(f"parameter retrieval.preset must be one of {sorted(PRESETS)}, not {self.preset!r}")
+        preset = PRESETS[self.preset]
+        return dataclasses.replace(self, **{name: value for name, value in preset.items() if getattr(self, name) is None})
 
 
 @dataclass
@@ -154,12 +217,18 @@ class Trial:
     kind: str
     depth: float
     length: int
+    haystack_start: int
     needle: str
     span: tuple[int, int]
     prompt_tokens: Int[Tensor, " prompt"]
     generation: Generation
     credit: Tensor  # layer head
     recall: float
+
+    @property
+    def exact(self) -> bool:
+        """The answer holds the needle verbatim: correct by the masking test's measure."""
+        return contains_verbatim(self.needle, self.generation.text)
 
 
 def head_label(layer: int, head: int) -> str:
@@ -174,12 +243,42 @@ def sentence_boundaries(tokenizer, text: str) -> tuple[list[int], list[tuple[int
     return ends, [tuple(span) for span in encoded["offset_mapping"]]
 
 
-def haystack_with_needle(tokenizer, haystack: str, sentence: str, length: int, depth: float) -> str:
-    """About ``length`` tokens of ``haystack`` (repeated as needed) ending at a sentence, with ``sentence``
-    inserted at the last sentence boundary at or before ``depth`` of the way through."""
+@cache
+def prose_paragraphs() -> tuple[str, ...]:
+    """The plain-prose paragraphs of Python's own documentation (``pydoc_data.topics``, about 130,000
+    characters of them), topics in name order, each paragraph once: no indented block (code, grammar,
+    tables), no heading, no grammar rule, at least 40 characters, ending a sentence, no sentence over 600
+    characters. Lines are unwrapped."""
+    paragraphs = []
+    for name in sorted(pydoc_data.topics.topics):
+        for block in re.split(r"\n\s*\n", pydoc_data.topics.topics[name]):
+            lines = block.split("\n")
+            text = " ".join(line.strip() for line in lines)
+            if any(line.startswith(" ") for line in lines) or len(text) < 40 or "::=" in text or re.search(r"[*=~^-]{4}", text):
+                continue
+            # Not ")": signature listings such as "object.__add__(self, other) ..."; no sentence over 600
+            # characters, so every haystack of a few hundred tokens has sentence ends to put a needle at.
+            longest = max(len(sentence) for sentence in re.split(r"[.!?](?:\s|$)", text))
+            if text.endswith(SENTENCE_ENDS) and longest <= 600:
+                paragraphs.append(text)
+    return tuple(dict.fromkeys(paragraphs))
+
+
+def prose(tokenizer, start: int, n_tokens: int) -> str:
+    """At least ``n_tokens`` tokens of prose: paragraphs from ``start`` on (wrapping past the last), each once."""
+    paragraphs = prose_paragraphs()
+    for n in range(1, len(paragraphs) + 1):
+        text = "\n\n".join(paragraphs[(start + i) % len(paragraphs)] for i in range(n))
+        # Prose runs at about 4.5 characters a token; tokenize only once the text could be long enough.
+        if len(text) >= 4 * n_tokens and len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= n_tokens:
+            return text
+    raise ProbeError(f"retrieval: a haystack of {n_tokens} tokens is longer than the prose corpus ({len(paragraphs)} paragraphs)")
+
+
+def haystack_with_needle(tokenizer, text: str, sentence: str, length: int, depth: float) -> str:
+    """About ``length`` tokens of ``text`` (which must hold that many) ending at a sentence, with
+    ``sentence`` inserted at the last sentence boundary at or before ``depth`` of the way through."""
     budget = length - len(tokenizer(" " + sentence, add_special_tokens=False)["input_ids"])
-    n_haystack = len(tokenizer(haystack, add_special_tokens=False)["input_ids"])
-    text = "\n\n".join([haystack] * (budget // n_haystack + 2))
     ends, spans = sentence_boundaries(tokenizer, text)
     ends = [0] + [end for end in ends if end <= budget]
     if len(ends) < 2:
@@ -193,55 +292,75 @@ def haystack_with_needle(tokenizer, haystack: str, sentence: str, length: int, d
     return context[:cut] + " " + sentence + context[cut:]
 
 
-def ablation_heads(ranking: list[tuple[int, int]], ks: list[int], draws: int, rng) -> list[tuple[str, int, int, list[tuple[int, int]]]]:
-    """(condition, k, draw, heads) for every masking condition: the top k of ``ranking``, and ``draws``
-    random sets of k drawn from outside the top max(ks) (the reference meant to exclude its top list but
-    compared tuples with lists, so its random sets could include top heads)."""
-    excluded = set(ranking[: max(ks, default=0)])
-    pool = [head for head in ranking if head not in excluded]
-    conditions = []
-    for k in ks:
-        conditions.append(("top", k, 0, ranking[:k]))
-        for draw in range(draws if k > 0 else 1):
-            if k > len(pool):
-                raise ProbeError(f"retrieval: cannot draw {k} random heads outside the top {len(excluded)} of {len(ranking)} heads")
-            conditions.append(("random", k, draw, sorted(rng.sample(pool, k)) if k else []))
-    return conditions
+@dataclass
+class MaskingPlan:
+    """The heads one K masks: the top list and, per control, its seeded draws (or why it cannot run)."""
+
+    k_requested: int
+    top: list[tuple[int, int]]
+    draws: dict[str, list[list[tuple[int, int]]]]
+    status: dict[str, str]
+
+
+def masking_plans(scores: Tensor, ranking: list[tuple[int, int]], ks: list[int], n_draws: int, seed: int) -> list[MaskingPlan]:
+    """One plan per K. Controls are drawn from outside the top list at the largest K (so no control
+    masks a head some top list masks); draw d of control c at K is seeded by (seed, c, K, d)."""
+    excluded = set(top_list(ranking, scores, max(ks)))
+    plans = []
+    for k in sorted(set(ks)):
+        top = top_list(ranking, scores, k)
+        plan = MaskingPlan(k, top, {}, {})
+        for control, draw in CONTROLS.items():
+            if not top:
+                plan.status[control] = "not run: no head scored above 0"
+                continue
+            try:
+                plan.draws[control] = [draw(top, excluded, tuple(scores.shape), random.Random(f"{seed}:{control}:{k}:{d}")) for d in range(n_draws)]
+                plan.status[control] = "run"
+            except ValueError as error:
+                plan.status[control] = f"not run: {error}"
+        plans.append(plan)
+    return plans
 
 
 @register
 class Retrieval(Detector):
     name = "retrieval"
     description = "retrieval heads: copy-from-needle scores in needle-in-a-haystack probes, and a head-masking test"
-    reports = (RETRIEVAL, RETRIEVAL_TRIALS, RETRIEVAL_ABLATION)
+    reports = (RETRIEVAL, RETRIEVAL_TRIALS, RETRIEVAL_ABLATION, RETRIEVAL_MASKING)
     probe_fields = ("prompt", "needle")
     prompt_field = "prompt"
     ParamsType = RetrievalParams
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        params = self.params
+        self.params = params = self.params.resolved()
         if params.scoring not in ("teacher_forced", "decode"):
             raise ProbeError(f"parameter retrieval.scoring must be 'teacher_forced' or 'decode', not {params.scoring!r}")
         if params.mask not in ("query", "output"):
             raise ProbeError(f"parameter retrieval.mask must be 'query' or 'output', not {params.mask!r}")
         if not all(0.0 <= d <= 1.0 for d in params.depths):
             raise ProbeError(f"parameter retrieval.depths must lie in [0, 1], got {params.depths}")
+        if not params.ablation_ks or min(params.ablation_ks) < 1 or params.ablation_draws < 1 or params.ablation_trials < 0:
+            raise ProbeError("parameters retrieval.ablation_ks (a non-empty list) and ablation_draws must be at least 1, ablation_trials at least 0")
         self.trials: list[Trial] = []
 
     # -- probes ---------------------------------------------------------------------------------
     def builtin_probes(self) -> list[dict]:
+        """Trial i of the grid (lengths x depths x needles_per_cell) gets needle i (mod the needles) in a
+        haystack read from a paragraph drawn with the seed."""
         params = self.params
         needles = builtin_probe_file("retrieval_needles.jsonl")
-        haystack = resources.files("probes").joinpath("data", "retrieval_haystack.txt").read_text(encoding="utf-8")
-        per_cell = max(1, min(params.needles_per_cell, len(needles)))
+        starts = random.Random(self.seed)
+        grid = [(length, depth) for length, depth in itertools.product(params.lengths, params.depths) for _ in range(max(1, params.needles_per_cell))]
         probes = []
-        for cell, (length, depth) in enumerate(itertools.product(params.lengths, params.depths)):
-            for j in range(per_cell):
-                needle = needles[(cell + j) % len(needles)]
-                context = haystack_with_needle(self.model.tokenizer, haystack, needle["sentence"], length, depth)
-                prompt = chat_prompt(self.model, QUESTION.format(context=context, question=needle["question"]))
-                probes.append({"prompt": prompt, "needle": needle["needle"], "kind": needle["kind"], "depth": depth, "length": length})
+        for i, (length, depth) in enumerate(grid):
+            needle = needles[i % len(needles)]
+            start = starts.randrange(len(prose_paragraphs()))
+            text = prose(self.model.tokenizer, start, length)
+            context = haystack_with_needle(self.model.tokenizer, text, needle["sentence"], length, depth)
+            prompt = chat_prompt(self.model, QUESTION.format(context=context, question=needle["question"]))
+            probes.append({"prompt": prompt, "needle": needle["needle"], "kind": needle["kind"], "depth": depth, "length": length, "haystack_start": start})
         return probes
 
     def check_probe(self, probe, where: str) -> dict:
@@ -276,6 +395,7 @@ class Retrieval(Detector):
                     kind=str(probe.get("kind", "file")),
                     depth=float(probe.get("depth", span[0] / len(tokens))),
                     length=int(probe.get("length", len(tokens))),
+                    haystack_start=int(probe.get("haystack_start", -1)),
                     needle=probe["needle"],
                     span=span,
                     prompt_tokens=tokens,
@@ -314,14 +434,17 @@ class Retrieval(Detector):
             credits = torch.zeros(0, info.n_layers, info.n_heads, dtype=torch.float64)
             counted = torch.zeros(0, dtype=torch.bool)
         scores = retrieval_scores(credits, counted)
+        low, high, interval_method = column_mean_intervals(credits[counted].flatten(1).numpy(), seed=self.seed)
         heads = [(layer, head) for layer in range(info.n_layers) for head in range(info.n_heads)]
-        ranking = sorted(heads, key=lambda lh: (-float(scores[lh]), lh))
+        ranking = rank_heads(scores, self.seed)
         rank = {lh: i + 1 for i, lh in enumerate(ranking)}
         scores_frame = pd.DataFrame(
             {
                 "layer": [l for l, _ in heads],
                 "head": [h for _, h in heads],
                 "retrieval_score": [float(scores[lh]) for lh in heads],
+                "ci_low": low,
+                "ci_high": high,
                 "is_retrieval": [bool(scores[lh] > params.threshold) for lh in heads],
                 "threshold": params.threshold,
                 "rank": [rank[lh] for lh in heads],
@@ -329,50 +452,114 @@ class Retrieval(Detector):
                 "n_counted": int(counted.sum()),
             }
         )
-        ablation = self._ablation(ranking)
-        return [Report("retrieval", scores_frame), Report("retrieval_trials", self._trials_frame()), Report("retrieval_ablation", ablation),
-                self._summary(scores, counted, ablation, ranking)]
+        ablation, masking, masking_claims, masked = self.masking_test(scores)
+        return [
+            Report("retrieval", scores_frame),
+            Report("retrieval_trials", self._trials_frame(masked)),
+            Report("retrieval_ablation", ablation),
+            Report("retrieval_masking", masking),
+            self._summary(scores_frame, counted, interval_method, masking_claims),
+        ]
 
-    def _trials_frame(self) -> pd.DataFrame:
+    def _trials_frame(self, masked: set[int]) -> pd.DataFrame:
         rows = []
         for t in self.trials:
             best = divmod(int(t.credit.argmax()), t.credit.shape[1])
             rows.append(
                 {
-                    "probe": t.probe, "kind": t.kind, "depth": t.depth, "length": t.length, "prompt_tokens": len(t.prompt_tokens),
-                    "needle_start": t.span[0], "needle_tokens": t.span[1] - t.span[0], "needle": t.needle, "answer": t.generation.text,
-                    "stopped_by": t.generation.stopped_by, "recall": t.recall, "exact": contains_verbatim(t.needle, t.generation.text),
-                    "counted": t.recall > self.params.recall_threshold, "top_head": head_label(*best), "top_credit": float(t.credit[best]),
+                    "probe": t.probe, "kind": t.kind, "depth": t.depth, "length": t.length, "haystack_start": t.haystack_start,
+                    "prompt_tokens": len(t.prompt_tokens), "needle_start": t.span[0], "needle_tokens": t.span[1] - t.span[0], "needle": t.needle,
+                    "answer": t.generation.text, "stopped_by": t.generation.stopped_by, "recall": t.recall, "exact": t.exact,
+                    "counted": t.recall > self.params.recall_threshold, "masked": t.probe in masked,
+                    "top_head": head_label(*best), "top_credit": float(t.credit[best]),
                 }
             )
         return pd.DataFrame(rows, columns=RETRIEVAL_TRIALS.column_names[3:])
 
     # -- causal test ----------------------------------------------------------------------------
-    def _ablation(self, ranking: list[tuple[int, int]]) -> pd.DataFrame:
+    def masking_test(self, scores: Tensor) -> tuple[pd.DataFrame, pd.DataFrame, list[Claim], set[int]]:
+        """The causal test of a score table (the run's own; tests plant one) on this run's trials: the
+        ``retrieval_ablation`` and ``retrieval_masking`` frames, the summary claims, the trials masked."""
         params = self.params
-        trials = sorted(self.trials, key=lambda t: (len(t.prompt_tokens), t.probe))[: params.ablation_probes]
-        conditions = ablation_heads(ranking, sorted(set(params.ablation_ks)), params.ablation_draws, random.Random(self.seed))
-        # answers[condition][trial]; unmasked answers are the scoring pass's own (the same greedy decode).
-        answers: list[list[str]] = [[] for _ in conditions]
+        masked, reason = self._ablation_trials()
+        plans = masking_plans(scores, rank_heads(scores, self.seed), params.ablation_ks, params.ablation_draws, self.seed)
+        ablation = self._ablation(masked, plans)
+        masking, claims = self._masking(ablation, plans, len(masked), reason)
+        return ablation, masking, claims, {t.probe for t in masked}
+
+    def _ablation_trials(self) -> tuple[list[Trial], str]:
+        """The trials to mask, drawn with the seed from those answered correctly, or why there are none."""
+        correct = [t for t in self.trials if t.exact]
+        if self.params.ablation_trials == 0:
+            return [], "not run: ablation_trials=0"
+        if not correct:
+            return [], f"not run: no unmasked answer (of {len(self.trials)} trials) contained the needle"
+        drawn = random.Random(self.seed).sample(correct, min(self.params.ablation_trials, len(correct)))
+        return sorted(drawn, key=lambda t: t.probe), "run"
+
+    def _ablation(self, trials: list[Trial], plans: list[MaskingPlan]) -> pd.DataFrame:
+        """Every masked answer: per trial, the top list and each control draw of every K."""
+        params = self.params
+        rows = []
         for trial in trials:
             prefix = None if params.mask_prompt else self._prompt_cache(trial.prompt_tokens)
-            for answer, (_, _, _, heads) in zip(answers, conditions):
-                answer.append(self._masked_answer(trial, heads, prefix) if heads else trial.generation.text)
+            answers: dict[tuple, str] = {}  # a head set masked twice (K capped alike) is decoded once
+            for plan in plans:
+                conditions = [("top", 0, plan.top)] if plan.draws else []
+                conditions += [(control, d, heads) for control, draws in plan.draws.items() for d, heads in enumerate(draws)]
+                for condition, draw, heads in conditions:
+                    key = tuple(heads)
+                    if key not in answers:
+                        answers[key] = self._masked_answer(trial, heads, prefix)
+                    answer = answers[key]
+                    rows.append(
+                        {
+                            "probe": trial.probe, "condition": condition, "k_requested": plan.k_requested, "k_used": len(plan.top), "draw": draw,
+                            "correct": contains_verbatim(trial.needle, answer), "recall": unigram_recall(trial.needle, answer), "answer": answer,
+                            "heads": " ".join(head_label(*lh) for lh in heads), "mask": params.mask, "mask_prompt": params.mask_prompt,
+                        }
+                    )
+        return pd.DataFrame(rows, columns=RETRIEVAL_ABLATION.column_names[3:]) if rows else RETRIEVAL_ABLATION.empty_frame().iloc[:, 3:]
+
+    def _masking(self, ablation: pd.DataFrame, plans: list[MaskingPlan], n_trials: int, reason: str) -> tuple[pd.DataFrame, list[Claim]]:
+        """The paired contrast per K and control: per trial, top accuracy minus the control's mean over
+        draws; its claims' p-values Holm-adjusted over the contrasts that ran."""
+        params = self.params
         rows = []
-        n = max(len(trials), 1)
-        for (condition, k, draw, heads), texts in zip(conditions, answers):
-            recalls = [unigram_recall(t.needle, a) for t, a in zip(trials, texts)]
-            rows.append(
-                {
-                    "condition": condition, "k": k, "draw": draw,
-                    "accuracy": sum(contains_verbatim(t.needle, a) for t, a in zip(trials, texts)) / n,
-                    "mean_recall": sum(recalls) / n,
-                    "recalled": sum(r > params.recall_threshold for r in recalls) / n,
-                    "n_trials": len(trials), "heads": " ".join(head_label(*lh) for lh in heads),
-                    "mask": params.mask, "mask_prompt": params.mask_prompt,
-                }
-            )
-        return pd.DataFrame(rows, columns=RETRIEVAL_ABLATION.column_names[3:])
+        claims = [Claim("retrieval.masking_trials", float(n_trials), n=n_trials, unit="trials", method=f"count; masking test {reason}",
+                        detail=f"trials masked, drawn with the seed from those whose unmasked answer contained the needle "
+                               f"(at most ablation_trials={params.ablation_trials})")]
+        for plan in plans:
+            for control in CONTROLS:
+                status = plan.status[control] if reason == "run" else reason
+                name = f"retrieval.masking_effect_k{plan.k_requested}_{control}"
+                k_note = f"K={plan.k_requested}" + (f" requested, {len(plan.top)} used (only {len(plan.top)} heads score above 0)" if len(plan.top) < plan.k_requested else "")
+                detail = (f"needle accuracy with the top list masked minus with {control.replace('_', '-')} heads masked (mean over "
+                          f"{params.ablation_draws} draws), paired per trial; {k_note}; mask={params.mask}, mask_prompt={params.mask_prompt}")
+                row = {"k_requested": plan.k_requested, "k_used": len(plan.top), "control": control, "status": status,
+                       "n_trials": n_trials if status == "run" else 0, "n_draws": params.ablation_draws if status == "run" else 0}
+                if status != "run":  # the masking report says why; the summary has no estimate to show
+                    rows.append(row)
+                    continue
+                at_k = ablation[ablation["k_requested"] == plan.k_requested]
+                top = at_k[at_k["condition"] == "top"].groupby("probe")["correct"].mean()
+                controls = at_k[at_k["condition"] == control].groupby("probe")["correct"].mean().reindex(top.index)
+                claim = Claim.paired(name, top.to_numpy(float), controls.to_numpy(float), "trials", detail, seed=self.seed)
+                row |= {"top_accuracy": float(top.mean()), "control_accuracy": float(controls.mean()), "effect": claim.estimate,
+                        "ci_low": claim.ci_low, "ci_high": claim.ci_high, "p_value": claim.p_value}
+                rows.append(row)
+                claims.append(claim)
+        frame = pd.DataFrame(rows, columns=RETRIEVAL_MASKING.column_names[3:])
+        frame["mask"], frame["mask_prompt"] = params.mask, params.mask_prompt
+        frame["p_holm"] = adjust_p_values(frame["p_value"].to_numpy(float), "holm")
+        n_tests = int(frame["p_value"].notna().sum())
+        p_holm = dict(zip(frame["k_requested"].astype(str) + "_" + frame["control"], frame["p_holm"]))
+        claims = [
+            dataclasses.replace(claim, p_value=float(p), method=f"{claim.method}; Holm-adjusted over {n_tests} masking contrasts")
+            if not math.isnan(p := p_holm.get(claim.claim.removeprefix("retrieval.masking_effect_k"), math.nan)) else claim
+            for claim in claims
+        ]
+        return frame, claims
 
     def _prompt_cache(self, prompt_tokens: Tensor):
         """KV cache of every prompt token but the last, unmasked: with decoding-only masking every
@@ -393,28 +580,23 @@ class Retrieval(Detector):
         with session(self.model, interventions=interventions):
             return generate(self.model, trial.prompt_tokens, max_new_tokens=params.max_new_tokens, past_key_values=cache).text
 
-    def _summary(self, scores: Tensor, counted: Tensor, ablation: pd.DataFrame, ranking: list[tuple[int, int]]) -> Report:
+    def _summary(self, scores: pd.DataFrame, counted: Tensor, interval_method: str, masking_claims: list[Claim]) -> Report:
         params = self.params
-        top = ", ".join(f"{head_label(*lh)} {float(scores[lh]):.2f}" for lh in ranking[:5])
-        rows = [
-            ("retrieval_heads_percent", 100.0 * fraction_above(scores, params.threshold),
-             f"percent of {scores.numel()} heads with retrieval score > {params.threshold:g} (paper: under 5%); top: {top}"),
-            ("max_retrieval_score", float(scores.max()), f"highest retrieval score ({head_label(*ranking[0])})"),
-            ("needle_recall_rate", float(counted.double().mean()) if len(counted) else math.nan,
-             f"fraction of {len(counted)} trials whose answer recalled the needle (ROUGE-1 recall > {params.recall_threshold:g})"),
+        n_counted = int(counted.sum())
+        ranked = scores.sort_values("rank")
+        top = ", ".join(f"L{r.layer}.H{r.head} {r.retrieval_score:.2f}" for r in ranked.head(5).itertuples())
+        best = ranked.iloc[0]
+        claims = [
+            Claim.proportion("retrieval.fraction_of_heads", int(scores["is_retrieval"].sum()), len(scores), "heads",
+                             f"heads with retrieval score > {params.threshold:g} over {n_counted} counted trials (paper: under 5%); top: {top}"),
+            Claim.mean("retrieval.recall_rate", counted.double().numpy(), "trials",
+                       f"trials whose answer recalled the needle (ROUGE-1 recall > {params.recall_threshold:g}); preset {params.preset}, "
+                       f"lengths {params.lengths}, depths {params.depths}", seed=self.seed),
+            Claim("retrieval.top_head_score", float(best["retrieval_score"]), float(best["ci_low"]), float(best["ci_high"]), n_counted, "trials",
+                  method=interval_method, detail=f"retrieval score of the top-ranked head, L{best['layer']}.H{best['head']}"),
+            *masking_claims,
         ]
-        if not ablation.empty:
-            k_max = int(ablation["k"].max())
-            at_max = ablation[ablation["k"] == k_max].groupby("condition")["accuracy"].mean()
-            baseline = float(ablation.loc[ablation["k"] == 0, "accuracy"].iloc[0]) if (ablation["k"] == 0).any() else math.nan
-            n = int(ablation["n_trials"].iloc[0])
-            rows += [
-                ("ablation_accuracy_k0", baseline, f"needle accuracy with no head masked ({n} trials)"),
-                (f"ablation_accuracy_top{k_max}", float(at_max.get("top", math.nan)), f"needle accuracy with the top {k_max} retrieval heads masked ({params.mask})"),
-                (f"ablation_accuracy_random{k_max}", float(at_max.get("random", math.nan)),
-                 f"needle accuracy with {k_max} random heads masked, mean over {params.ablation_draws} draws"),
-            ]
-        return summary_report(rows)
+        return summary_report(claims)
 
 
 def trial_credit(top_keys: Int[Tensor, "layer head step"], generation: Generation, span: tuple[int, int]) -> Tensor:

@@ -1,20 +1,21 @@
 """The retrieval detector on the real embedded model: fast teacher-forced scores equal the decode-time
-definition and transformers' own output_attentions; probes, masking and bad input."""
+definition and transformers' own output_attentions; the probe set; the masking test, which finds the
+effect of heads planted as the top list, finds none for a random score table, and says when it cannot run."""
 
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
 
 import lens
-from metrics.retrieval import copy_hits, retrieval_credit, unigram_recall
+from metrics.retrieval import copy_hits, rank_heads, retrieval_credit, unigram_recall
 from probes import ProbeError
-from probes.retrieval import Retrieval, RetrievalParams, ablation_heads, decode_time_scores
+from probes._base import builtin_probe_file
+from probes.retrieval import PRESETS, Retrieval, RetrievalParams, decode_time_scores, masking_plans, prose_paragraphs
 
-SHORT = {"lengths": "[200]", "depths": "[0.3, 0.9]", "ablation_ks": "[0, 5]", "ablation_draws": "1", "ablation_probes": "1"}
+SHORT = {"lengths": "[200]", "depths": "[0.3, 0.9]", "ablation_ks": "[5, 300]", "ablation_draws": "2", "ablation_trials": "1", "max_new_tokens": "30"}
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def test_fast_scores_equal_decode_time_scores_and_output_attentions(smollm2, eag
         tokens = smollm2.tokenize(probe["prompt"])
         span = detector.needle_span(probe["prompt"], probe["needle"])
         # The definition step by step: decode inside a capture session, reading each step's query row.
-        generation, credit = decode_time_scores(smollm2, tokens, span, max_new_tokens=50)
+        generation, credit = decode_time_scores(smollm2, tokens, span, max_new_tokens=30)
         decode_credits.append(credit)
         counted.append(unigram_recall(probe["needle"], generation.text) > 0.5)
         # Ground truth: full eager attention over prompt + answer, rows that produced the answer.
@@ -59,29 +60,167 @@ def test_fast_scores_equal_decode_time_scores_and_output_attentions(smollm2, eag
     assert torch.equal(fast, torch.stack(eager_credits).mean(0))
     assert fast.max() > 0.5, "some head copies most of the needle"
     assert (frame["is_retrieval"] == (frame["retrieval_score"] > 0.1)).all()
-    assert sorted(frame["rank"]) == list(range(1, 271))
+    # Each head's interval over the two counted trials spans its two credits' range (percentile bootstrap of a mean of 2).
+    credits = torch.stack(eager_credits).view(2, 270).numpy()
+    assert (frame["ci_low"].to_numpy() >= credits.min(0) - 1e-12).all() and (frame["ci_high"].to_numpy() <= credits.max(0) + 1e-12).all()
+    assert (frame["ci_low"] <= frame["retrieval_score"]).all() and (frame["retrieval_score"] <= frame["ci_high"]).all()
+    # Rank follows the score, ties in the seeded order the masking test uses.
+    expected = rank_heads(fast, seed=0)
+    assert [(r.layer, r.head) for r in frame.sort_values("rank").itertuples()] == expected
 
 
-def test_census_writes_ablation_and_summary(short_census):
+def test_census_writes_masking_test_and_claims(short_census):
     _, store, result = short_census
-    ablation = store.read("retrieval_ablation", run_id=result.run_id)
-    assert set(zip(ablation["condition"], ablation["k"])) == {("top", 0), ("random", 0), ("top", 5), ("random", 5)}
     scores = store.read("retrieval", run_id=result.run_id)
-    top5 = scores.nsmallest(5, "rank")
+    ablation = store.read("retrieval_ablation", run_id=result.run_id)
+    masking = store.read("retrieval_masking", run_id=result.run_id).set_index(["k_requested", "control"])
+    positive = int((scores["retrieval_score"] > 0).sum())
+    assert 5 < positive < 270
+    # K = 300 asks for more heads than score above 0: capped, and the report says so.
+    assert masking.loc[(5, "random"), "k_used"] == 5 and masking.loc[(300, "random"), "k_used"] == positive
+    top5 = scores[scores["rank"] <= 5]
     expected = {f"L{l}.H{h}" for l, h in zip(top5["layer"], top5["head"])}
-    assert set(ablation.set_index(["condition", "k"]).loc[("top", 5), "heads"].split()) == expected
-    assert not expected & set(ablation.set_index(["condition", "k"]).loc[("random", 5), "heads"].split())
-    assert ablation["accuracy"].between(0, 1).all() and (ablation["mask"] == "query").all() and not ablation["mask_prompt"].any()
-    summary = store.read("summary", run_id=result.run_id).set_index("claim")["estimate"]
-    assert summary["retrieval_heads_percent"] == pytest.approx(100 * scores["is_retrieval"].mean())
-    assert summary["ablation_accuracy_k0"] == 1.0
+    at5 = ablation[ablation["k_requested"] == 5]
+    assert set(at5.loc[at5["condition"] == "top", "heads"].iloc[0].split()) == expected
+    top_all = set(ablation.loc[(ablation["k_requested"] == 300) & (ablation["condition"] == "top"), "heads"].iloc[0].split())
+    for row in at5[at5["condition"] != "top"].itertuples():
+        assert len(row.heads.split()) == 5 and not set(row.heads.split()) & top_all, "controls come from outside the top list"
+    matched = at5[at5["condition"] == "layer_matched"]
+    layers = sorted(h.split(".")[0] for h in expected)
+    assert all(sorted(h.split(".")[0] for h in heads.split()) == layers for heads in matched["heads"])
+    assert set(at5.groupby("condition")["draw"].nunique()) == {1, 2}
+    # K = 300: the uniform control needs as many heads outside the top list as in it; the layer-matched one
+    # cannot run where a layer has more top heads than others.
+    uniform_fits = positive <= 270 - positive
+    assert (masking.loc[(300, "random"), "status"] == "run") == uniform_fits
+    assert uniform_fits or masking.loc[(300, "random"), "status"].startswith(f"not run: cannot draw {positive} heads")
+    assert masking.loc[(300, "layer_matched"), "status"] == "run" or masking.loc[(300, "layer_matched"), "status"].startswith("not run: layer ")
+    assert masking.loc[(5, "random"), "status"] == "run" and masking.loc[(5, "random"), "n_trials"] == 1
+    trials = store.read("retrieval_trials", run_id=result.run_id)
+    assert trials["masked"].sum() == 1 and trials.loc[trials["masked"], "exact"].all()
+    summary = store.read("summary", run_id=result.run_id).set_index("claim")
+    assert summary.loc["retrieval.fraction_of_heads", "estimate"] == pytest.approx(scores["is_retrieval"].mean())
+    assert summary.loc["retrieval.fraction_of_heads", "n"] == 270 and summary.loc["retrieval.fraction_of_heads", "ci_low"] >= 0
+    assert summary.loc["retrieval.recall_rate", "estimate"] == 1.0 and summary.loc["retrieval.recall_rate", "n"] == 2
+    assert summary.loc["retrieval.masking_trials", "estimate"] == 1
+    assert summary.loc["retrieval.masking_effect_k5_random", "n"] == 1
+    assert ("retrieval.masking_effect_k300_random" in summary.index) == uniform_fits, "claims only for contrasts that ran"
+
+
+@pytest.fixture(scope="module")
+def causal_trials(smollm2):
+    """Eight short needle trials, scored: the units of the planted masking tests. Six correct answers at
+    least, since a sign-flip test on n trials cannot go below p = 2^(1-n) (0.031 at 6). Two control draws
+    (the detector's default is 10) keep the test short."""
+    params = RetrievalParams(lengths=[200], depths=[0.0, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0], needles_per_cell=1, max_new_tokens=40,
+                             ablation_ks=[5], ablation_draws=2, ablation_trials=8)
+    detector = Retrieval(smollm2, params, seed=3)
+    for index, probe in enumerate(detector.builtin_probes()):
+        for forward in detector.passes(probe, index):
+            lens.capture(smollm2, forward.tokens, forward.needs)
+            forward.done()
+    assert sum(t.exact for t in detector.trials) >= 6, [t.generation.text for t in detector.trials]
+    return detector
+
+
+def test_masking_planted_retrieval_heads_shows_an_effect(causal_trials):
+    # The top list is planted: five heads that copy needles on this model (measured by the census).
+    scores = torch.zeros(30, 9, dtype=torch.float64)
+    for rank, head in enumerate([(18, 6), (18, 7), (17, 3), (17, 4), (23, 2)]):
+        scores[head] = 1.0 - 0.1 * rank
+    ablation, masking, claims, masked = causal_trials.masking_test(scores)
+    n = sum(t.exact for t in causal_trials.trials)
+    assert len(masked) == n and (masking["status"] == "run").all()
+    effect = {c.claim: c for c in claims}
+    for row in masking.itertuples():
+        claim = effect[f"retrieval.masking_effect_k5_{row.control}"]
+        # Raw p below 0.05 (the least possible at n = 6 is 0.031); the summary's p is Holm-adjusted over both controls.
+        assert claim.n == n and claim.estimate < -0.5 and claim.ci_high < 0 and row.p_value < 0.05, (claim, row.p_value)
+        assert claim.p_value == pytest.approx(min(1.0, row.p_holm)) and row.p_holm >= row.p_value
+
+
+def test_masking_random_score_table_shows_no_effect(causal_trials):
+    scores = torch.rand(30, 9, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    ablation, masking, claims, _ = causal_trials.masking_test(scores)
+    assert (masking["status"] == "run").all()
+    for claim in claims[1:]:
+        assert claim.n >= 6 and (claim.p_value > 0.05 or claim.ci_low <= 0 <= claim.ci_high), claim
+
+
+def test_masking_is_not_run_without_a_correct_trial(smollm2, tmp_path):
+    # One answer token cannot hold the needle: no trial is eligible, and the census still writes its reports.
+    params = {"lengths": "[120]", "depths": "[0.5]", "max_new_tokens": "1"}
+    result = lens.census(smollm2, ["retrieval"], tmp_path / "store", params={"retrieval": params})
+    store = lens.ReportStore(tmp_path / "store")
+    masking = store.read("retrieval_masking", run_id=result.run_id)
+    assert len(masking) == 2 and masking["status"].str.startswith("not run: no unmasked answer").all() and (masking["n_trials"] == 0).all()
+    assert store.read("retrieval_ablation", run_id=result.run_id).empty
+    summary = store.read("summary", run_id=result.run_id).set_index("claim")
+    assert summary.loc["retrieval.masking_trials", "estimate"] == 0 and "not run" in summary.loc["retrieval.masking_trials", "method"]
+
+
+def test_masking_plans_cap_k_and_say_why_a_control_cannot_run():
+    scores = torch.zeros(4, 3, dtype=torch.float64)
+    scores[3, 0], scores[3, 1], scores[3, 2], scores[0, 0] = 0.9, 0.8, 0.7, 0.1
+    plans = masking_plans(scores, rank_heads(scores, 0), [2, 10], n_draws=10, seed=0)
+    assert [(p.k_requested, len(p.top)) for p in plans] == [(2, 2), (10, 4)]
+    assert plans[0].top == [(3, 0), (3, 1)] and plans[0].status["random"] == "run" and len(plans[0].draws["random"]) == 10
+    # Controls avoid the top list at the largest K: all four heads scoring above 0.
+    assert all(not set(draw) & {(3, 0), (3, 1), (3, 2), (0, 0)} for draw in plans[0].draws["random"])
+    # Layer 3 is all in the top list: no layer-matched control, and the plan says why.
+    assert plans[0].status["layer_matched"] == "not run: layer 3 has 0 heads outside the top list, 2 needed"
+    spread = torch.zeros(4, 3, dtype=torch.float64)
+    spread[3, 0], spread[0, 0] = 0.9, 0.8
+    plans = masking_plans(spread, rank_heads(spread, 0), [2], n_draws=10, seed=0)
+    assert plans[0].status["layer_matched"] == "run"
+    for draw in plans[0].draws["layer_matched"]:
+        assert sorted(layer for layer, _ in draw) == [0, 3] and not set(draw) & {(3, 0), (0, 0)}
+    assert len({tuple(draw) for draw in plans[0].draws["layer_matched"]}) > 1, "draws differ"
+    assert masking_plans(torch.zeros(4, 3), rank_heads(torch.zeros(4, 3), 0), [5], 10, 0)[0].status["random"] == "not run: no head scored above 0"
+
+
+def test_builtin_probes_are_real_prose_with_needles_at_sentence_boundaries(smollm2):
+    params = RetrievalParams(lengths=[400, 1200], depths=[0.0, 0.25, 0.5, 0.75, 1.0])
+    detector = Retrieval(smollm2, params)
+    probes = detector.builtin_probes()
+    assert len(probes) == 10 and {p["kind"] for p in probes} == {"fact", "number", "name", "code", "place"}
+    needles = {n["needle"]: n for n in builtin_probe_file("retrieval_needles.jsonl")}
+    paragraphs = set(prose_paragraphs())
+    for probe in probes:
+        detector.check_probe(probe, "built-in")
+        sentence = needles[probe["needle"]]["sentence"]
+        book = probe["prompt"][probe["prompt"].index("<book>") + 6 : probe["prompt"].index("</book>")]
+        before, after = book.split(sentence)
+        assert before == "" or before.endswith((". ", "! ", "? ", ") ")), before[-20:]
+        assert after == "" or after.startswith((" ", "\n")), after[:20]
+        # Python's own documentation, each paragraph once (the last one may be cut at a sentence).
+        pieces = book.replace(sentence, "").split("\n\n")
+        assert len(pieces) == len(set(pieces)) and sum(p.strip() in paragraphs for p in pieces) >= len(pieces) - 2
+        n_book = len(smollm2.tokenize(book))
+        assert probe["length"] - 60 <= n_book <= probe["length"] + 2
+        # The last sentence end at or before the depth: sentences here run up to about 120 tokens.
+        n_before = len(smollm2.tokenize(before))
+        assert probe["depth"] * n_book - 130 <= n_before <= probe["depth"] * n_book + 3
+    assert probes[0]["prompt"].startswith("<|im_start|>") and probes[0]["prompt"].endswith("<|im_start|>assistant\n")
+    assert len({p["haystack_start"] for p in probes}) > 5, "haystacks start at seeded paragraphs"
+
+
+def test_presets_and_needle_set():
+    needles = builtin_probe_file("retrieval_needles.jsonl")
+    kinds = [n["kind"] for n in needles]
+    assert len(needles) >= 20 and all(kinds.count(k) >= 4 for k in ("fact", "number", "name", "code"))
+    assert all(n["sentence"].count(n["needle"]) == 1 for n in needles)
+    full = PRESETS["full"]
+    assert len(full["lengths"]) * len(full["depths"]) * full["needles_per_cell"] >= 50
+    quick = RetrievalParams().resolved()
+    assert quick.lengths == PRESETS["quick"]["lengths"] and RetrievalParams(preset="full", lengths=[300]).resolved().lengths == [300]
+    assert sum(len(p) for p in prose_paragraphs()) > 100_000
 
 
 def test_shared_prompt_cache_equals_masked_generation_from_scratch(smollm2):
     detector = Retrieval(smollm2, RetrievalParams(lengths=[150], depths=[0.5], max_new_tokens=12))
     probe = detector.builtin_probes()[0]
     tokens = detector.tokens(probe["prompt"])
-    detector.trials = []
     for forward in detector.passes(probe, 0):
         lens.capture(smollm2, forward.tokens, forward.needs)
         forward.done()
@@ -93,50 +232,18 @@ def test_shared_prompt_cache_equals_masked_generation_from_scratch(smollm2):
     assert detector._masked_answer(trial, heads, detector._prompt_cache(tokens)) == detector._masked_answer(trial, heads)
 
 
-def test_builtin_probes_put_needles_at_sentence_boundaries(smollm2):
-    params = RetrievalParams(lengths=[400, 1200], depths=[0.0, 0.25, 0.5, 0.75, 1.0])
-    detector = Retrieval(smollm2, params)
-    probes = detector.builtin_probes()
-    assert len(probes) == 10 and {p["kind"] for p in probes} == {"fact", "code", "place"}
-    needles = {json.dumps(n["needle"]): n for n in detector_needles()}
-    previous = None
-    for probe in probes:
-        detector.check_probe(probe, "built-in")
-        sentence = needles[json.dumps(probe["needle"])]["sentence"]
-        book = probe["prompt"][probe["prompt"].index("<book>") + 6 : probe["prompt"].index("</book>")]
-        before, after = book.split(sentence)
-        assert before == "" or before.endswith((". ", "! ", "? ")), before[-20:]
-        assert after == "" or after.startswith((" ", "\n")), after[:20]
-        n_book = len(smollm2.tokenize(book))
-        assert probe["length"] - 40 <= n_book <= probe["length"] + 2
-        depth = len(before) / len(book)
-        assert abs(depth - probe["depth"]) < 0.1
-        if previous is not None and previous["length"] == probe["length"]:
-            assert depth >= previous_depth
-        previous, previous_depth = probe, depth
-    assert probes[0]["prompt"].startswith("<|im_start|>") and probes[0]["prompt"].endswith("<|im_start|>assistant\n")
+def test_views_draw_intervals_and_say_n(short_census):
+    from lens.views import render
 
-
-def detector_needles():
-    from probes._base import builtin_probe_file
-
-    return builtin_probe_file("retrieval_needles.jsonl")
-
-
-def test_random_control_excludes_the_top_list_and_is_seeded():
-    ranking = [(layer, head) for layer in range(30) for head in range(9)]
-    random.Random(0).shuffle(ranking)
-    conditions = ablation_heads(ranking, [0, 5, 10, 20, 30], 3, random.Random(7))
-    top = set(ranking[:30])
-    assert [(c, k, d) for c, k, d, _ in conditions][:2] == [("top", 0, 0), ("random", 0, 0)]
-    assert len(conditions) == 2 + 4 * 4
-    for condition, k, _, heads in conditions:
-        assert len(set(heads)) == k
-        if condition == "random":
-            assert not set(heads) & top
-        else:
-            assert heads == ranking[:k]
-    assert conditions == ablation_heads(ranking, [0, 5, 10, 20, 30], 3, random.Random(7))
+    _, store, result = short_census
+    ranked = render(store, "retrieval.ranked", run_id=result.run_id)
+    assert ranked.data[0].error_y.array is not None and "n=2" in ranked.layout.title.text
+    ablation = render(store, "retrieval.ablation", run_id=result.run_id)
+    assert "n=1" in ablation.layout.yaxis.title.text or "n=1" in ablation.layout.title.text
+    recall = render(store, "retrieval.recall_by", run_id=result.run_id)
+    assert recall.data[0].error_y.array is not None and "n=2 trials" in recall.layout.title.text
+    assert "n=2" in render(store, "retrieval.heatmap", run_id=result.run_id).layout.title.text
+    assert "n=2 trials" in render(store, "retrieval.needle_grid", run_id=result.run_id).layout.title.text
 
 
 def test_bad_probe_lines_name_the_line(smollm2, tmp_path):
@@ -149,11 +256,15 @@ def test_bad_probe_lines_name_the_line(smollm2, tmp_path):
         lens.census(smollm2, ["retrieval"], tmp_path / "store", probes_file=path)
     with pytest.raises(ProbeError, match="retrieval.scoring"):
         lens.census(smollm2, ["retrieval"], tmp_path / "store", params={"retrieval": {"scoring": "fast"}})
+    with pytest.raises(ProbeError, match="retrieval.preset must be one of"):
+        lens.census(smollm2, ["retrieval"], tmp_path / "store", params={"retrieval": {"preset": "huge"}})
+    with pytest.raises(ProbeError, match="ablation_ks"):
+        lens.census(smollm2, ["retrieval"], tmp_path / "store", params={"retrieval": {"ablation_ks": "[0, 5]"}})
 
 
 def test_builtin_probes_run_on_tiny_model(tiny_llama, store):
-    params = {"lengths": "[80]", "depths": "[0.5]", "ablation_ks": "[0, 2]", "ablation_draws": "2", "max_new_tokens": "5"}
+    params = {"lengths": "[80]", "depths": "[0.5]", "ablation_ks": "[2]", "ablation_draws": "2", "max_new_tokens": "5"}
     result = lens.census(tiny_llama, ["retrieval"], store, params={"retrieval": params})
     frame = store.read("retrieval", run_id=result.run_id)
     assert len(frame) == 2 * 4 and set(frame["n_trials"]) == {1}
-    assert len(store.read("retrieval_ablation", run_id=result.run_id)) == 5  # top and random at 0, top at 2, 2 random draws
+    assert set(store.read("retrieval_masking", run_id=result.run_id)["control"]) == {"random", "layer_matched"}
