@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 import sys
 import time
 
@@ -52,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--format", default="pdf,svg,png,html", help="comma-separated: pdf, svg, png, html (default all)")
     report.add_argument("--dpi", type=int, default=300, help="PNG resolution (default 300)")
     report.add_argument("--compare", default=None, metavar="RUN", help="add a comparison with another run (or another model's run)")
+    report.add_argument("--views", default=None, metavar="NAME,...", help="only these views (e.g. overview.labels); default: every view that applies")
+    report.add_argument("--markdown", default=None, metavar="PAGE",
+                        help="instead of figures, write the runs' claims (estimate, interval, n, p) as Markdown tables, a column per run")
     return parser
 
 
@@ -156,13 +160,21 @@ def _cmd_report(args) -> int:
     from lens.views.report import ReportError, resolve_runs, write_report
 
     formats = tuple(f.strip().lower() for f in args.format.split(",") if f.strip())
+    views = None if args.views is None else [v.strip() for v in args.views.split(",") if v.strip()]
     store = lens.ReportStore(args.store)
     try:
-        for run_id in resolve_runs(store, args.run):
-            written = write_report(store, args.out, run_id=run_id, formats=formats, compare=args.compare, dpi=args.dpi)
+        run_ids = [run for part in (args.run or "").split(",") for run in resolve_runs(store, part or None)]
+        if args.markdown is not None:
+            from lens.views.claims import claims_markdown
+
+            Path(args.markdown).write_text(claims_markdown(store, run_ids), encoding="utf-8")
+            print(f"claims of {len(run_ids)} run(s) written to {args.markdown}")
+            return 0
+        for run_id in run_ids:
+            written = write_report(store, args.out, run_id=run_id, formats=formats, compare=args.compare, dpi=args.dpi, views=views)
             pages = [str(p) for p in written if p.suffix == ".html"]
             print(f"run {run_id}: {len(written)} files in {os.path.join(args.out, run_id)}" + (f"; report: {pages[0]}" if pages else ""))
-    except (ReportError, ExportError) as error:
+    except (ReportError, ExportError, OSError) as error:
         print(f"lens: error: {error}", file=sys.stderr)
         return 2
     return 0
@@ -185,7 +197,6 @@ def _cmd_schema(args) -> int:
     if args.write is None:
         print(schema_markdown())
         return 0
-    from pathlib import Path
 
     page = Path(args.write)
     text = page.read_text()

@@ -60,14 +60,22 @@ def resolve_runs(store, run: str | None) -> list[str]:
 
 
 def write_report(
-    store, out: str | Path, *, run_id: str, formats=REPORT_FORMATS, compare: str | None = None, dpi: int = 300
+    store, out: str | Path, *, run_id: str, formats=REPORT_FORMATS, compare: str | None = None, dpi: int = 300,
+    views: list[str] | None = None,
 ) -> list[Path]:
-    """Write the run's figures in ``formats`` and (with "html") its HTML report under ``out/<run_id>/``."""
+    """Write the run's figures in ``formats`` and (with "html") its HTML report under ``out/<run_id>/``;
+    ``views`` limits the figures to those names."""
     unknown = sorted(set(formats) - set(REPORT_FORMATS))
     if unknown:
         raise ReportError(f"unknown format(s) {', '.join(unknown)}; formats: {', '.join(REPORT_FORMATS)}")
+    if dpi <= 0:
+        raise ReportError(f"--dpi must be positive, got {dpi}")
     folder = Path(out) / run_id
-    figures = run_figures(store, run_id)
+    applicable = run_views(store, run_id)
+    missing = sorted(set(views or ()) - set(applicable))
+    if missing:
+        raise ReportError(f"view(s) {', '.join(missing)} do not apply to run {run_id}; views: {', '.join(applicable)}")
+    figures = {name: render(store, name, run_id=run_id) for name in (views or applicable)}
     comparison = _comparison(store, run_id, compare)[2] if compare else {}
     all_figures = {**figures, **{f"compare.{name}": fig for name, fig in comparison.items()}}
     static = [fmt for fmt in FORMATS if fmt in formats]

@@ -10,8 +10,7 @@ import subprocess
 import pytest
 
 from lens._cli import main
-from lens.views import available_views
-from lens.views._registry import run_report_types
+from lens.views import run_views
 from lens.views.report import CAUTION
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -30,7 +29,7 @@ def report(census_run, tmp_path_factory):
 
 def test_report_writes_every_figure_of_the_run(report):
     store, run_id, folder = report
-    views = available_views(run_report_types(store, run_id))
+    views = run_views(store, run_id)
     assert {"sinks.heatmap", "sinks.first_token_mass", "overview.labels"} <= set(views)
     formats = ("pdf", "svg", "png") if CHROMIUM else ()
     for name in views + ["compare.labels", "compare.scores"]:
@@ -50,7 +49,7 @@ def test_html_report_renders_in_headless_chromium(report, tmp_path):
     page = folder / "report.html"
     html = page.read_text()
     figure_ids = re.findall(r'<div id="(fig-[^"]+)" class="plotly-graph-div"', html)
-    assert len(figure_ids) == len(available_views(run_report_types(store, run_id))) + 2  # + the comparison's two
+    assert len(figure_ids) == len(run_views(store, run_id)) + 2  # + the comparison's two
     browser = subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
@@ -76,6 +75,9 @@ def test_report_bad_input_is_one_line(census_run, capsys, tmp_path):
         (["--store", str(tmp_path / "empty")], "no finished runs"),
         (["--store", str(store.path), "--run", "no-such-run"], "no finished run 'no-such-run'"),
         (["--store", str(store.path), "--format", "html,gif"], "unknown format(s) gif"),
+        (["--store", str(store.path), "--format", "png", "--dpi", "0"], "--dpi must be positive"),
+        (["--store", str(store.path), "--views", "sinks.nope"], "view(s) sinks.nope do not apply"),
+        (["--store", str(store.path), "--markdown", str(tmp_path / "missing-dir" / "x.md")], "No such file"),
     ]
     for arguments, expected in cases:
         code = main(["report", "--out", str(tmp_path / "out"), *arguments])
@@ -102,3 +104,20 @@ def test_store_and_report_display_in_notebooks(census_run):
 
     shown = Report("sinks", store.read("sinks", run_id=run_id), run_id=run_id, model="smollm2-135m")._repr_html_()
     assert f"{n_sinks} rows" in shown and "sink_score" in shown
+
+
+def test_markdown_claims_table_comes_from_the_store(census_run, tmp_path, capsys):
+    store, run_id = census_run
+    page = tmp_path / "results.md"
+    assert main(["report", "--store", str(store.path), "--run", run_id, "--markdown", str(page)]) == 0
+    text = page.read_text()
+    summary = store.read("summary", run_id=run_id)
+    assert "## sinks" in text and f"smollm2-135m ({run_id})" in text
+    rate = summary.set_index("claim").loc["sinks.sink_rate"]
+    assert f"{rate['estimate']:.3g} [{rate['ci_low']:.3g}, {rate['ci_high']:.3g}] n={rate['n']} probes" in text
+
+
+def test_report_of_chosen_views_only(census_run, tmp_path):
+    store, run_id = census_run
+    assert main(["report", "--store", str(store.path), "--out", str(tmp_path), "--format", "html", "--views", "sinks.heatmap"]) == 0
+    assert "sinks.heatmap" in (tmp_path / run_id / "report.html").read_text()
