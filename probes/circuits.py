@@ -432,6 +432,7 @@ class Circuits(Detector):
     prompt_field = "clean"
     context_fields = ("clean", "corrupt")
     ParamsType = CircuitParams
+    presets = {"full": {"pairs_per_task": "64", "path_stages": "3"}}  # the research run: every declared stage
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
