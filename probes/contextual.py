@@ -342,6 +342,7 @@ class Contextual(Detector):
     probe_fields = ("prompt", "gold")
     prompt_field = "prompt"
     ParamsType = ContextualParams
+    presets = {"full": {"n_questions": "0", "gold_positions": "all"}}  # every question at every position
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
