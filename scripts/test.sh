@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh) and run the whole test suite, notebooks included.
+# Set up (scripts/setup.sh), check the plain pip install (scripts/check_install.sh), and run the whole
+# test suite, notebooks included.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The install a user does without the script: pip install . + lens prepare + a census, in a fresh venv.
+bash scripts/check_install.sh
 .venv/bin/python -m pytest "$@"
