@@ -1,5 +1,5 @@
 """One layer's blockwise attention (probabilities, output and a column-sum consumer) against SDPA,
-for several rows-per-block: the numbers behind ``lens._capture.attention.ROWS_PER_BLOCK``.
+for several rows-per-block: the numbers behind ``lens.kernels.ROWS_PER_BLOCK``.
 
 Usage: ``python benchmarks/attention_blocks.py [--lengths 512,2048,8192] [--rows 16,32,64,128,256]``.
 Shapes are SmolLM2-135M's (9 query heads, 3 KV heads, d_head 64); inputs are random, float32.
@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from lens._capture.attention import causal_block_probs
+from lens.kernels import causal_block_probs
 
 
 def _milliseconds(function, repeats: int) -> float:

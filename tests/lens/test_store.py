@@ -19,11 +19,15 @@ def _sinks_frame(n: int = 3, score: float = 0.5) -> pd.DataFrame:
             "layer": list(range(n)),
             "head": [0] * n,
             "sink_score": [score] * n,
+            "ci_low": [score - 0.1] * n,
+            "ci_high": [score + 0.1] * n,
+            "sink_rate": [100.0] * n,
             "is_sink": [True] * n,
             "eps": 0.3,
             "sink_mass_first4": [0.9] * n,
             "first_token": "The",
             "n_prompts": 2,
+            "n_tokens": 0,
         }
     )
 

@@ -35,5 +35,5 @@ def test_prefix_mass_is_mean_over_rows_of_first_keys():
 
 
 def test_sink_rate_counts_heads_over_eps():
-    scores = torch.tensor([[0.9, 0.1, 0.31], [0.3, 0.5, 0.0]])
+    scores = torch.tensor([[[0.9, 0.1, 0.31], [0.3, 0.5, 0.0]]])  # one prompt, 2 layers x 3 heads
     assert sink_rate(scores, 0.3) == 50.0
