@@ -38,7 +38,7 @@ def test_report_writes_every_figure_of_the_run(report):
             assert path.exists() and path.stat().st_size > 2000, path
     html = (folder / "report.html").read_text()
     assert CAUTION in html
-    assert run_id in html and "Run manifest" in html and "sink_rate_eps0.3" in html
+    assert run_id in html and "Run manifest" in html and "sinks.sink_rate" in html
     assert not re.search(r"<script[^>]+src=", html), "the report must not load scripts from elsewhere"
     assert "Comparison with run" in html
 
