@@ -37,7 +37,7 @@ def claims_markdown(store, run_ids: list[str]) -> str:
     sections = []
     for detector, rows in claims.groupby("detector", sort=True):
         table = rows.pivot_table(index="claim", columns="column", values="cell", aggfunc="first", sort=False).fillna("")
-        details = rows.drop_duplicates("claim").set_index("claim")["detail"]
+        details = rows.drop_duplicates("claim").set_index("claim")["detail"].str.replace("|", "\\|", regex=False)  # Markdown cells
         table.insert(0, "what it means", details.reindex(table.index).fillna(""))
         sections.append(f"## {detector}\n\n{table.reset_index().to_markdown(index=False)}\n")
     return "\n".join(sections)
