@@ -93,26 +93,26 @@ def paired_difference(
         raise ValueError(f"paired conditions need the same units: {treated.shape} vs {control.shape}")
     keep = ~(np.isnan(treated) | np.isnan(control))
     differences = treated[keep] - control[keep]
-    n = len(differences)
-    if n == 0:
-        return Contrast(math.nan, math.nan, math.nan, 0, "no paired units")
-    estimate = float(differences.mean())
+    # The estimate and its interval are those of the mean difference; pairing adds the p-value.
+    interval = mean_interval(differences, seed=seed, confidence=confidence, n_resamples=n_resamples)
+    n = interval.n
     if n < 2:
-        return Contrast(estimate, math.nan, math.nan, n, "one paired unit: no interval or p-value")
+        return Contrast(interval.estimate, interval.low, interval.high, n, f"paired difference; {interval.method}; no p-value")
     if np.all(differences == differences[0]):
         # Every sign flip of a constant gives the same |mean| unless it is zero.
         p_value = 1.0 if differences[0] == 0 else float(2.0 ** (1 - n)) if n <= 30 else 0.0
-        return Contrast(estimate, estimate, estimate, n, "every paired difference equal; exact sign-flip p-value", p_value)
-    low, high, method = _bootstrap((differences,), _mean, seed, confidence, n_resamples)
-    permutation = stats.permutation_test(
-        (differences,),
-        _mean,
-        permutation_type="samples",
-        n_resamples=n_permutations,
-        alternative="two-sided",
-        rng=np.random.default_rng(seed),
-    )
-    return Contrast(estimate, low, high, n, f"paired difference; {method}; sign-flip permutation p-value", float(permutation.pvalue))
+        method = "exact sign-flip p-value"
+    else:
+        permutation = stats.permutation_test(
+            (differences,),
+            _mean,
+            permutation_type="samples",
+            n_resamples=n_permutations,
+            alternative="two-sided",
+            rng=np.random.default_rng(seed),
+        )
+        p_value, method = float(permutation.pvalue), "sign-flip permutation p-value"
+    return Contrast(interval.estimate, interval.low, interval.high, n, f"paired difference; {interval.method}; {method}", p_value)
 
 
 def cluster_interval(
