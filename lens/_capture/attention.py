@@ -20,30 +20,19 @@ the window by position.
 
 from __future__ import annotations
 
-from contextvars import ContextVar
-from typing import TYPE_CHECKING
-
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from lens._capture.session import CaptureSession
+from lens._capture.positions import check_keys
+from lens._capture.session import ACTIVE_SESSION, CaptureSession
 
 ATTENTION_IMPLEMENTATION = "lens"
-ACTIVE_SESSION: ContextVar[CaptureSession | None] = ContextVar("lens_capture_session", default=None)
-
-# Elements of one block of attention scores (batch x heads x rows x keys); 2**23 floats = 32 MiB.
-DEFAULT_BLOCK_ELEMENTS = 2**23
 # Query rows per block on the CPU when the element budget allows more: blocks of a few MiB stay in
 # cache through the softmax and the consumers, which is faster than fewer, larger blocks
 # (benchmarks/attention_blocks.py). On a GPU, larger blocks mean fewer kernel launches: only the
 # element budget applies there.
 ROWS_PER_BLOCK = 64
-
-
-class CachePositionError(RuntimeError):
-    """The keys a layer received do not run from position 0 to its last query."""
 
 
 def register_attention() -> None:
@@ -149,32 +138,7 @@ def _row_blocks(rows: list[int], rows_per_block: int):
         yield rows[start : start + rows_per_block]
 
 
-def first_query_position(position_ids: Int[Tensor, "batch_or_1 q"] | None, q_len: int) -> int:
-    """The absolute position of the first query, from the ``position_ids`` the model passes. Capture
-    reads consecutive positions, the same in every batch row (no padding, no packed sequences)."""
-    if position_ids is None:
-        raise CachePositionError("the model passed no position_ids to its attention function; capture needs each query's position")
-    position_ids = position_ids.reshape(-1, position_ids.shape[-1])
-    first = int(position_ids[0, 0])
-    expected = torch.arange(first, first + q_len, device=position_ids.device)
-    if position_ids.shape[-1] != q_len or not bool((position_ids == expected).all()):
-        shown = position_ids[:4, :8].tolist()  # enough to see the problem in one line
-        raise CachePositionError(f"capture needs consecutive query positions, the same in every batch row; got {shown} (first rows and columns)")
-    return first
-
-
-def check_keys(layer: int, first: int, q_len: int, kv_len: int) -> None:
-    if first + q_len != kv_len:
-        raise CachePositionError(
-            f"layer {layer} received {kv_len} keys for queries at positions {first}..{first + q_len - 1}: capture needs the keys of "
-            f"every position from 0 (a sliding-window cache keeps only the last window); continue from model.prefix_cache(tokens) "
-            f"or model.new_cache()"
-        )
-
-
 def session_attention(session: CaptureSession | None, module, query, key, value, attention_mask, scaling, softcap, position_ids=None):
-    from lens._capture.session import CaptureSession
-
     session = session or CaptureSession()  # a soft-capped model outside any session
     layer = module.layer_idx
     batch, n_heads, q_len, _ = query.shape

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from lens._capture.attention import ACTIVE_SESSION, DEFAULT_BLOCK_ELEMENTS, first_query_position
 from lens._capture.interventions import Intervention
 from lens._capture.needs import AttentionBlock, AttentionRows, LogitChunks, Logits, Need, Residual
+from lens._capture.positions import first_query_position
+
+# Elements of one block of attention scores (batch x heads x rows x keys); 2**23 floats = 32 MiB.
+DEFAULT_BLOCK_ELEMENTS = 2**23
 
 
 @dataclass
@@ -83,6 +87,10 @@ def _residual_hooks(model, needs: Sequence[Need]) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+# The session the attention function serves (lens/_capture/attention.py); None: plain SDPA.
+ACTIVE_SESSION: ContextVar[CaptureSession | None] = ContextVar("lens_capture_session", default=None)
 
 
 @contextmanager

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lens
-from lens._capture.attention import CachePositionError
+from lens._capture.positions import CachePositionError
 
 TEXT = "The quick brown fox jumps over the lazy dog. Then it naps under a tree while the dog keeps watch."
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lens
-from lens._capture.attention import CachePositionError
+from lens._capture.positions import CachePositionError
 from lens._capture.session import lm_head
 from probes.circuits import Circuits
 from probes.retrieval import Retrieval, RetrievalParams
