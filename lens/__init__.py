@@ -17,14 +17,18 @@ from lens._capture.session import capture, session
 from lens._models.catalog import DEFAULT_MODEL, cache_root, known_models
 from lens._models.model import Model, ModelInfo, PromptTooLongError, UnknownModelError, load
 from lens._store.schema import ReportSchema, SchemaMismatchError
-from lens._store.store import Report, ReportStore, StoreError
+from lens._store.store import Report, StoreError
 from lens._generate import Generation, chat_prompt, generate
 
 # The application layer (census, explorer, views) sits above the detectors, which import the core
-# above; it loads on first use, so ``import probes`` never re-enters ``lens`` half-initialised.
+# above; it loads on first use, so ``import probes`` never re-enters ``lens`` half-initialised. Every
+# name here works with the detector registry loaded, which also registers their report types: that
+# is what lets ``lens.ReportStore(path).read("sinks")`` check rows against the sinks schema.
 # name -> (module, attribute; None for the module itself)
 _LAZY = {
+    "ReportStore": ("lens._store.store", "ReportStore"),
     "CensusResult": ("lens._census", "CensusResult"),
+    "CensusInterrupted": ("lens._census", "CensusInterrupted"),
     "census": ("lens._census", "census"),
     "attention_explorer": ("lens._explorer", "attention_explorer"),
     "show_attention": ("lens._explorer", "show_attention"),
@@ -36,6 +40,8 @@ _LAZY = {
 def __getattr__(name: str):
     if name in _LAZY:
         import importlib
+
+        import probes  # noqa: F401  (the detector registry, above)
 
         module_name, attribute = _LAZY[name]
         module = importlib.import_module(module_name)
@@ -51,6 +57,7 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
+    "CensusInterrupted",
     "CensusResult",
     "Report",
     "ReportSchema",

@@ -192,6 +192,7 @@ def _cmd_runs(args) -> int:
 
 
 def _cmd_schema(args) -> int:
+    import probes  # noqa: F401  (the registry: every built-in detector registers its report types)
     from lens._store.schema import schema_markdown
 
     if args.write is None:

@@ -97,19 +97,19 @@ def register_schema(schema: ReportSchema) -> ReportSchema:
 
 
 def schema_for(report_type: str) -> ReportSchema:
-    # Detectors declare their schemas when imported; importing the registry loads them all.
-    import probes  # noqa: F401
-
+    """The registered schema of ``report_type``. A detector registers its reports' schemas when it is
+    registered (``probes.register``); the store never loads detectors itself."""
     try:
         return REPORT_SCHEMAS[report_type]
     except KeyError:
-        raise SchemaMismatchError(f"unknown report type {report_type!r}; known: {', '.join(sorted(REPORT_SCHEMAS))}") from None
+        raise SchemaMismatchError(
+            f"unknown report type {report_type!r}; known: {', '.join(sorted(REPORT_SCHEMAS))} (a detector's report types are known "
+            f"once it is registered: `import probes` registers the built-in detectors)"
+        ) from None
 
 
 def schema_markdown() -> str:
-    """Every report type and its columns as Markdown (the README's store schema section)."""
-    import probes  # noqa: F401  (registers every detector's schemas)
-
+    """Every registered report type and its columns as Markdown (the README's store schema section)."""
     parts = []
     for name in sorted(REPORT_SCHEMAS):
         schema = REPORT_SCHEMAS[name]

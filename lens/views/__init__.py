@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+import probes  # noqa: F401  (views read the detector registry: colours, overview labels, report types)
 from lens.views._registry import VIEWS, View, available_views, render, view
 
 for _module in pkgutil.iter_modules(__path__):
