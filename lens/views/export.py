@@ -8,6 +8,9 @@ kaleido's ``kaleido_get_chrome`` command. Without one, export raises ``ExportErr
 Sizes follow the figure's print width (``lens.views.style``): a PDF or SVG page is exactly that
 many inches wide (plotly's 96 px per inch), and a PNG is rendered at ``dpi`` (default 300) with
 the resolution recorded in the file's pHYs chunk.
+
+A ``.csv`` path gets the figure's data instead (``figure_table``): every point of every trace, so an
+author can redraw the figure in their own plotting tool. It needs no browser.
 """
 
 from __future__ import annotations
@@ -17,12 +20,16 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
 
 from lens.views.style import PX_PER_IN
 
-FORMATS = ("pdf", "svg", "png")
+IMAGE_FORMATS = ("pdf", "svg", "png")
+FORMATS = (*IMAGE_FORMATS, "csv")
+TABLE_COLUMNS = ("trace", "name", "type", "panel", "x", "y", "z", "y_low", "y_high", "x_low", "x_high", "text")
 DEFAULT_DPI = 300
 
 
@@ -50,9 +57,10 @@ def require_browser() -> str:
 
 
 def export(figures: go.Figure | Sequence[go.Figure], paths: str | Path | Sequence[str | Path], *, dpi: int = DEFAULT_DPI) -> list[Path]:
-    """Write each figure to its path; the format is the path's suffix (.pdf, .svg or .png).
+    """Write each figure to its path; the format is the path's suffix (.pdf, .svg, .png, or .csv for
+    the figure's data).
 
-    All figures go through one browser session, which matters: starting Chromium costs seconds.
+    All images go through one browser session, which matters: starting Chromium costs seconds.
     """
     if isinstance(figures, go.Figure):
         figures, paths = [figures], [paths]
@@ -63,24 +71,95 @@ def export(figures: go.Figure | Sequence[go.Figure], paths: str | Path | Sequenc
     unknown = sorted({f for f in formats if f not in FORMATS})
     if unknown:
         raise ExportError(f"cannot export to {', '.join(unknown)}; formats: {', '.join(FORMATS)}")
-    if not figures:
-        return []
-    require_browser()
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
-    pio.write_images(
-        list(figures),
-        paths,
-        format=formats,
-        width=[fig.layout.width for fig in figures],
-        height=[fig.layout.height for fig in figures],
-        # Vector pages keep the print size (96 px = 1 in); PNG pixels are scaled to the dpi.
-        scale=[dpi / PX_PER_IN if fmt == "png" else 1 for fmt in formats],
-    )
-    for path, fmt in zip(paths, formats):
+    for fig, path, fmt in zip(figures, paths, formats):
+        if fmt == "csv":
+            figure_table(fig).to_csv(path, index=False)
+    images = [(fig, path, fmt) for fig, path, fmt in zip(figures, paths, formats) if fmt in IMAGE_FORMATS]
+    if images:
+        require_browser()
+        pio.write_images(
+            [fig for fig, _, _ in images],
+            [path for _, path, _ in images],
+            format=[fmt for _, _, fmt in images],
+            width=[fig.layout.width for fig, _, _ in images],
+            height=[fig.layout.height for fig, _, _ in images],
+            # Vector pages keep the print size (96 px = 1 in); PNG pixels are scaled to the dpi.
+            scale=[dpi / PX_PER_IN if fmt == "png" else 1 for _, _, fmt in images],
+        )
+    for _, path, fmt in images:
         if fmt == "png":
             set_png_dpi(path, dpi)
     return paths
+
+
+def figure_table(fig: go.Figure) -> pd.DataFrame:
+    """The data a figure draws, one row per point (a heatmap: one per cell), in ``TABLE_COLUMNS``:
+    ``trace`` (its index) and ``name``, its plotly ``type``, the ``panel`` (axes) it is drawn in, the
+    coordinates ``x``, ``y`` and ``z``, error bars as absolute ends (``y_low``/``y_high``,
+    ``x_low``/``x_high``) and the point's ``text``. A filled band is the outline it draws (its upper
+    edge, then the lower edge backwards). Legend-only entries (no points) have no rows; reference lines
+    across a panel (a threshold) are rows of type ``hline`` (``y``) or ``vline`` (``x``)."""
+    frames = [_trace_table(index, trace) for index, trace in enumerate(fig.data)] + [_reference_lines(fig)]
+    frames = [frame for frame in frames if len(frame)]
+    if not frames:
+        return pd.DataFrame(columns=TABLE_COLUMNS)
+    return pd.concat(frames, ignore_index=True).reindex(columns=TABLE_COLUMNS)
+
+
+def _trace_table(index: int, trace) -> pd.DataFrame:
+    columns: dict[str, object] = {}
+    z = getattr(trace, "z", None)
+    if z is not None:  # a heatmap: one row per cell, x and y from the cell's column and row
+        grid = np.asarray(z, dtype=float)
+        if grid.ndim == 1:  # cells given as (x, y, z) columns
+            columns = {"x": list(trace.x), "y": list(trace.y), "z": grid}
+        else:
+            rows, cols = grid.shape
+            x = np.asarray(trace.x) if trace.x is not None else np.arange(cols)
+            y = np.asarray(trace.y) if trace.y is not None else np.arange(rows)
+            columns = {"x": np.tile(x, rows), "y": np.repeat(y, cols), "z": grid.ravel()}
+        if trace.text is not None and np.size(trace.text) == len(columns["z"]):
+            columns["text"] = np.asarray(trace.text, dtype=object).ravel()
+    else:
+        x, y = getattr(trace, "x", None), getattr(trace, "y", None)
+        if x is None and y is None:
+            return pd.DataFrame()
+        n = len(x if x is not None else y)
+        columns = {"x": _values(x, n), "y": _values(y, n)}
+        for axis in ("x", "y"):
+            error = getattr(trace, f"error_{axis}", None)
+            if error is not None and error.array is not None:
+                plus = np.asarray(error.array, dtype=float)
+                minus = np.asarray(error.arrayminus, dtype=float) if error.arrayminus is not None and not error.symmetric else plus
+                centre = np.asarray(columns[axis], dtype=float)
+                columns[f"{axis}_low"], columns[f"{axis}_high"] = centre - minus, centre + plus
+        text = getattr(trace, "text", None)
+        if text is not None and not isinstance(text, str):
+            columns["text"] = list(text)
+    frame = pd.DataFrame(columns)
+    frame = frame.dropna(how="all", subset=[c for c in ("x", "y", "z") if c in frame])
+    xaxis, yaxis = getattr(trace, "xaxis", None) or "x", getattr(trace, "yaxis", None) or "y"
+    return frame.assign(trace=index, name=trace.name or "", type=trace.type, panel=f"{xaxis}/{yaxis}")
+
+
+def _reference_lines(fig: go.Figure) -> pd.DataFrame:
+    """Lines drawn across a whole panel (``add_hline``/``add_vline``): the thresholds a figure shows."""
+    rows = []
+    for shape in fig.layout.shapes:
+        if shape.type != "line":
+            continue
+        panel = f"{(shape.xref or 'x').split(' ')[0]}/{(shape.yref or 'y').split(' ')[0]}"
+        if shape.y0 == shape.y1 and str(shape.xref).endswith("domain"):
+            rows.append({"trace": None, "name": shape.name or "", "type": "hline", "panel": panel, "y": shape.y0})
+        elif shape.x0 == shape.x1 and str(shape.yref).endswith("domain"):
+            rows.append({"trace": None, "name": shape.name or "", "type": "vline", "panel": panel, "x": shape.x0})
+    return pd.DataFrame(rows)
+
+
+def _values(values, n: int) -> list:
+    return [None] * n if values is None else list(values)
 
 
 def set_png_dpi(path: Path, dpi: int) -> None:

@@ -90,3 +90,75 @@ def styled(fig: go.Figure, *, width: str | float = "single", height_in: float | 
 def width_in(fig: go.Figure) -> float:
     """The figure's print width in inches (single column when it has none)."""
     return (fig.layout.width or SINGLE_COLUMN_IN * PX_PER_IN) / PX_PER_IN
+
+
+# -- the paper style (``lens report --style paper``) ---------------------------------------------
+# Journal column widths, a serif face at 8-9 pt and the same colour-blind-safe colours. Sizes are
+# stated in points and converted to plotly's CSS pixels: an exported page is 96 px per inch and
+# 72 pt per inch, so a 10.67 px font prints at 8 pt.
+
+PT_PER_IN = 72
+PAPER_WIDTHS_IN = {"single": 3.25, "double": 6.75}
+# Times New Roman where an author has it; Liberation Serif has its metrics and ships with most Linux
+# systems (and with the project's CI image), so the PDF looks the same there.
+PAPER_FONT_FAMILY = "'Times New Roman', 'Liberation Serif', Times, 'DejaVu Serif', serif"
+PAPER_FONT_PT = 8  # tick labels, axis titles, legends, annotations, colour bars
+PAPER_TITLE_PT = 9  # the figure's title
+
+
+def pt_to_px(points: float) -> float:
+    """A print size in points as plotly's layout unit (CSS pixels)."""
+    return points * PX_PER_IN / PT_PER_IN
+
+
+def _paper_template() -> go.layout.Template:
+    template = go.layout.Template(pio.templates["lens"])
+    template.layout.update(
+        font=dict(family=PAPER_FONT_FAMILY, size=pt_to_px(PAPER_FONT_PT)),
+        title=dict(font=dict(size=pt_to_px(PAPER_TITLE_PT))),
+        legend=dict(font=dict(size=pt_to_px(PAPER_FONT_PT))),
+    )
+    return template
+
+
+pio.templates["lens_paper"] = _paper_template()
+
+
+def paper_column(fig: go.Figure) -> str:
+    """"single" or "double": the paper column a view's figure was laid out for (the nearer width)."""
+    return "double" if width_in(fig) > (SINGLE_COLUMN_IN + DOUBLE_COLUMN_IN) / 2 else "single"
+
+
+def paper_styled(fig: go.Figure, *, width: str | None = None) -> go.Figure:
+    """A copy of a view's figure for a paper: ``width`` "single" (3.25 in) or "double" (6.75 in), by
+    default the column the view chose; the height keeps the view's aspect ratio; every text in the
+    serif face, the title at ``PAPER_TITLE_PT`` and all else at ``PAPER_FONT_PT`` (sizes a view set for
+    the screen, such as 6 px tick labels, are replaced so nothing prints below 8 pt)."""
+    column = width or paper_column(fig)
+    if column not in PAPER_WIDTHS_IN:
+        raise ValueError(f"paper width {column!r}: expected one of {', '.join(PAPER_WIDTHS_IN)}")
+    layout_width = fig.layout.width or SINGLE_COLUMN_IN * PX_PER_IN
+    layout_height = fig.layout.height or layout_width * 0.62
+    new_width = PAPER_WIDTHS_IN[column] * PX_PER_IN
+    spec = fig.to_dict()
+    spec["layout"].pop("template", None)
+    _set_fonts(spec["data"])
+    _set_fonts(spec["layout"])
+    if isinstance(spec["layout"].get("title"), dict) and "font" in spec["layout"]["title"]:
+        spec["layout"]["title"]["font"]["size"] = pt_to_px(PAPER_TITLE_PT)
+    paper = go.Figure(spec)
+    paper.update_layout(template="lens_paper", width=round(new_width), height=round(layout_height * new_width / layout_width))
+    return paper
+
+
+def _set_fonts(node) -> None:
+    """Every font a figure spells out (``font``, ``tickfont``, ``textfont``...) in the paper face and size."""
+    if isinstance(node, list):
+        for item in node:
+            _set_fonts(item)
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            if key.endswith("font") and isinstance(value, dict):
+                value.update(family=PAPER_FONT_FAMILY, size=pt_to_px(PAPER_FONT_PT))
+            else:
+                _set_fonts(value)
