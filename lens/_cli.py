@@ -50,7 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--store", default=DEFAULT_STORE)
     report.add_argument("--out", default="lens-report", help="output directory; files go to OUT/<run_id>/ (default ./lens-report)")
     report.add_argument("--run", default=None, help="run id, or 'all'; default: the newest finished run")
-    report.add_argument("--format", default="pdf,svg,png,html", help="comma-separated: pdf, svg, png, html (default all)")
+    report.add_argument("--format", default=None,
+                        help="comma-separated: pdf, svg, png, csv (each figure's data), html (default: pdf,svg,png,html; with --style paper: pdf,csv)")
+    report.add_argument("--style", default="screen", choices=("screen", "paper"),
+                        help="paper: figure files at 3.25/6.75 in column widths, serif 8-9 pt, fonts embedded (docs/figures.md)")
     report.add_argument("--dpi", type=int, default=300, help="PNG resolution (default 300)")
     report.add_argument("--compare", default=None, metavar="RUN", help="add a comparison with another run (or another model's run)")
     report.add_argument("--views", default=None, metavar="NAME,...", help="only these views (e.g. overview.labels); default: every view that applies")
@@ -159,7 +162,8 @@ def _cmd_report(args) -> int:
     from lens.views.export import ExportError
     from lens.views.report import ReportError, resolve_runs, write_report
 
-    formats = tuple(f.strip().lower() for f in args.format.split(",") if f.strip())
+    format_list = args.format or ("pdf,csv" if args.style == "paper" else "pdf,svg,png,html")
+    formats = tuple(f.strip().lower() for f in format_list.split(",") if f.strip())
     views = None if args.views is None else [v.strip() for v in args.views.split(",") if v.strip()]
     store = lens.ReportStore(args.store)
     try:
@@ -171,7 +175,7 @@ def _cmd_report(args) -> int:
             print(f"claims of {len(run_ids)} run(s) written to {args.markdown}")
             return 0
         for run_id in run_ids:
-            written = write_report(store, args.out, run_id=run_id, formats=formats, compare=args.compare, dpi=args.dpi, views=views)
+            written = write_report(store, args.out, run_id=run_id, formats=formats, compare=args.compare, dpi=args.dpi, views=views, style=args.style)
             pages = [str(p) for p in written if p.suffix == ".html"]
             print(f"run {run_id}: {len(written)} files in {os.path.join(args.out, run_id)}" + (f"; report: {pages[0]}" if pages else ""))
     except (ReportError, ExportError, OSError) as error:

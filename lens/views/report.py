@@ -1,8 +1,9 @@
 """Everything about one run, from the store: its figures as files and one self-contained HTML report.
 
-``write_report(store, out, run_id=...)`` writes ``<out>/<run_id>/<view>.<pdf|svg|png>`` for every view
-that applies to the run, and ``<out>/<run_id>/report.html``: the census overview, a section per
-detector (its headline numbers and figures), the run manifest, and plotly's JavaScript embedded so
+``write_report(store, out, run_id=...)`` writes ``<out>/<run_id>/<view>.<pdf|svg|png|csv>`` for every
+view that applies to the run (``style="paper"``: at journal column widths in a serif face, see
+``lens.views.style.paper_styled``; the CSV is the figure's data), and ``<out>/<run_id>/report.html``:
+the census overview, a section per detector (its headline numbers and figures), the run manifest, and plotly's JavaScript embedded so
 the file works offline. ``lens report`` is the command-line form.
 """
 
@@ -19,9 +20,10 @@ import plotly.offline
 from lens.views._registry import VIEWS, render, run_report_types
 from lens.views.export import FORMATS, export
 from lens.views.overview import compare_labels, compare_scores, correlations, head_table, label_counts, load_run
-from lens.views.style import DETECTOR_COLORS, FONT_FAMILY, detector_color
+from lens.views.style import DETECTOR_COLORS, FONT_FAMILY, detector_color, paper_styled
 
 REPORT_FORMATS = (*FORMATS, "html")
+STYLES = ("screen", "paper")
 CAUTION = (
     "Attention weights are not explanations by themselves: a head that attends to a token has not been shown to use it. "
     "The labels here are patterns in attention and activations; causal checks (ablating or patching the head and measuring "
@@ -61,15 +63,18 @@ def resolve_runs(store, run: str | None) -> list[str]:
 
 def write_report(
     store, out: str | Path, *, run_id: str, formats=REPORT_FORMATS, compare: str | None = None, dpi: int = 300,
-    views: list[str] | None = None,
+    views: list[str] | None = None, style: str = "screen",
 ) -> list[Path]:
     """Write the run's figures in ``formats`` and (with "html") its HTML report under ``out/<run_id>/``;
-    ``views`` limits the figures to those names."""
+    ``views`` limits the figures to those names; ``style="paper"`` lays the figure files out for a
+    journal (the HTML report keeps the screen figures)."""
     unknown = sorted(set(formats) - set(REPORT_FORMATS))
     if unknown:
         raise ReportError(f"unknown format(s) {', '.join(unknown)}; formats: {', '.join(REPORT_FORMATS)}")
     if dpi <= 0:
         raise ReportError(f"--dpi must be positive, got {dpi}")
+    if style not in STYLES:
+        raise ReportError(f"unknown style {style!r}; styles: {', '.join(STYLES)}")
     folder = Path(out) / run_id
     applicable = run_views(store, run_id)
     missing = sorted(set(views or ()) - set(applicable))
@@ -78,9 +83,10 @@ def write_report(
     figures = {name: render(store, name, run_id=run_id) for name in (views or applicable)}
     comparison = _comparison(store, run_id, compare)[2] if compare else {}
     all_figures = {**figures, **{f"compare.{name}": fig for name, fig in comparison.items()}}
+    files = {name: paper_styled(fig) for name, fig in all_figures.items()} if style == "paper" else all_figures
     static = [fmt for fmt in FORMATS if fmt in formats]
-    paths = [folder / f"{name}.{fmt}" for fmt in static for name in all_figures]
-    written = export([all_figures[p.stem] for p in paths], paths, dpi=dpi) if paths else []
+    paths = [folder / f"{name}.{fmt}" for fmt in static for name in files]
+    written = export([files[p.stem] for p in paths], paths, dpi=dpi) if paths else []
     if "html" in formats:
         folder.mkdir(parents=True, exist_ok=True)
         page = folder / "report.html"
