@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from probes._base import REGISTRY, Claim, Detector, ForwardPass, Params, ProbeError, builtin_probe_file, parse_param_flags, register
+from probes._base import REGISTRY, Claim, Detector, ForwardPass, PaperClaim, Params, ProbeError, builtin_probe_file, parse_param_flags, register
 
 for _module in pkgutil.iter_modules(__path__):
     if not _module.name.startswith("_"):
@@ -32,5 +32,5 @@ def get(name: str) -> type[Detector]:
         raise UnknownDetectorError(f"unknown detector {name!r}; available: {', '.join(available())}") from None
 
 
-__all__ = ["Claim", "Detector", "ForwardPass", "Params", "ProbeError", "UnknownDetectorError", "available", "builtin_probe_file", "get",
+__all__ = ["Claim", "Detector", "ForwardPass", "PaperClaim", "Params", "ProbeError", "UnknownDetectorError", "available", "builtin_probe_file", "get",
            "parse_param_flags", "register"]

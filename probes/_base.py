@@ -94,6 +94,38 @@ class Claim:
         return cls(claim, float(value), n=int(value), unit=unit, method="count", detail=detail)
 
 
+@dataclass(frozen=True)
+class PaperClaim:
+    """What a seed paper says about one of a detector's claims, in that claim's units, so
+    ``lens report --markdown`` can say whether it reproduced (``lens.views.claims.verdict``; the rule
+    is in docs/figures.md). A detector lists them in ``paper_claims``, keyed by claim name or by a
+    pattern with ``*`` for claims named by their parameters (``retrieval.masking_effect_k*_random``).
+
+    ``value`` is the paper's number, or None when the paper states only a direction; ``null`` is the
+    value of no effect, or the bound the paper's claim is stated against ("under 5% of heads"), or
+    None when the claim's own p-value tests its null; ``direction`` ("above" or "below" the null) is
+    the side the paper's claim lies on, needed when it cannot be read from value against null."""
+
+    source: str
+    value: float | None = None
+    null: float | None = None
+    direction: str | None = None
+    note: str = ""
+
+    def __post_init__(self):
+        if self.direction not in (None, "above", "below"):
+            raise ValueError(f"PaperClaim({self.source!r}): direction {self.direction!r} is not 'above' or 'below'")
+        if self.value is None and self.direction is None:
+            raise ValueError(f"PaperClaim({self.source!r}): with no value, say the direction ('above' or 'below' the null)")
+
+    @property
+    def side(self) -> str | None:
+        """"above" or "below": where the paper puts the estimate relative to the null (None: unstated)."""
+        if self.direction is not None or self.value is None or self.null is None or self.value == self.null:
+            return self.direction
+        return "above" if self.value > self.null else "below"
+
+
 class ProbeError(ValueError):
     """A probe that cannot be used; the message starts with where it came from (file and line)."""
 

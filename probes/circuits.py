@@ -65,7 +65,7 @@ from metrics.circuits import (
     top_k,
 )
 from metrics.uncertainty import adjust_p_values, proportion_interval
-from probes._base import Claim, Detector, ForwardPass, Params, ProbeError, register, summary_report
+from probes._base import Claim, Detector, ForwardPass, PaperClaim, Params, ProbeError, register, summary_report
 
 METHODS = ("patching", "path_patching", "attribution", "eap_ig")
 CHANCE = 0.5  # two answers: LD > 0 by chance half the time
@@ -430,6 +430,14 @@ class Circuits(Detector):
     reports = (CIRCUIT_HEADS, CIRCUIT_FAITHFULNESS, CIRCUIT_OVERLAP, CIRCUIT_TASKS)
     probe_fields = ("task", "clean", "corrupt", "target", "foil")
     prompt_field = "clean"
+    paper_claims = {
+        "circuits.ioi~colored_objects.path_patching.reuse": PaperClaim(
+            "Merullo et al. 2024 (ICLR): about 78% of IOI's in-circuit heads reappear in Colored Objects' circuit (GPT-2 medium, "
+            "top 2% per path-patching stage)",
+            value=0.78, direction="above",
+            note="the paper does not state the overlap's denominator; compared with the share of IOI's heads in Colored Objects' circuit",
+        ),
+    }
     context_fields = ("clean", "corrupt")
     ParamsType = CircuitParams
     presets = {"full": {"pairs_per_task": "64", "path_stages": "3"}}  # the research run: every declared stage

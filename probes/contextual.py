@@ -57,7 +57,7 @@ from lens._store.schema import Column, ReportSchema
 from lens._store.store import Report
 from metrics.contextual import focused_set_mass, heads_mean, score_ranks, set_mass, span_keys, top_heads
 from metrics.uncertainty import adjust_p_values, column_mean_intervals, mean_interval, proportion_interval
-from probes._base import Claim, Detector, ForwardPass, Params, ProbeError, register, summary_report
+from probes._base import Claim, Detector, ForwardPass, PaperClaim, Params, ProbeError, register, summary_report
 
 CONTEXTUAL = ReportSchema(
     "contextual",
@@ -341,6 +341,15 @@ class Contextual(Detector):
     # "gold_prompt" (the prompt with only the gold document: training reads the model's answer to it).
     probe_fields = ("prompt", "gold")
     prompt_field = "prompt"
+    paper_claims = {
+        "contextual.focus_effect_gold_mass": PaperClaim(
+            "Zhu et al. 2025: focus directions raise the contextual heads' attention on the relevant document", null=0.0, direction="above",
+        ),
+        "contextual.focus_effect_accuracy": PaperClaim(
+            "Zhu et al. 2025: raising the contextual heads' attention on the relevant document improves answers", null=0.0, direction="above",
+            note="the paper scales the directions by 0.2-0.3; this claim applies them at the scale trained",
+        ),
+    }
     ParamsType = ContextualParams
     presets = {"full": {"n_questions": "0", "gold_positions": "all"}}  # every question at every position
 

@@ -40,7 +40,7 @@ from lens._generate import chat_prompt, generate
 from lens._store.schema import Column, ReportSchema
 from lens._store.store import Report
 from metrics import preplan_anchor as pa
-from probes._base import Claim, Detector, ForwardPass, Params, ProbeError, builtin_probe_file, register, summary_report
+from probes._base import Claim, Detector, ForwardPass, PaperClaim, Params, ProbeError, builtin_probe_file, register, summary_report
 
 VARIANTS = ("all", "no_sink")
 
@@ -156,6 +156,19 @@ class PreplanAnchor(Detector):
     reports = (HEAD_LOCALITY, REASONING_TOKENS, LOCALITY_EXCERPT)
     probe_fields = ("prompt",)
     prompt_field = "prompt"
+    # The paper's effects as directions (it gives no numbers these claims can be set against).
+    paper_claims = {
+        "preplan_anchor.lift_within_*": PaperClaim(
+            "Attention Illuminates LLM Reasoning (2025): FAI peaks (anchors) follow or coincide with WAAD peaks (preplan tokens)",
+            null=1.0, direction="above",
+        ),
+        "preplan_anchor.token_entropy_preplan_minus_other*": PaperClaim(
+            "Attention Illuminates LLM Reasoning (2025): token entropy is higher at WAAD peaks", null=0.0, direction="above",
+        ),
+        "preplan_anchor.punctuation_share_anchors_minus_all*": PaperClaim(
+            "Attention Illuminates LLM Reasoning (2025): punctuation tends to get high FAI", null=0.0, direction="above",
+        ),
+    }
     ParamsType = PreplanAnchorParams
     presets = {"full": {"n_probes": "26"}}  # every problem template once
 

@@ -56,7 +56,7 @@ from metrics.sinks import (
     sink_rate_per_prompt,
 )
 from metrics.uncertainty import column_mean_intervals
-from probes._base import Claim, Detector, ForwardPass, ProbeError, Params, builtin_probe_file, register, summary_report
+from probes._base import Claim, Detector, ForwardPass, PaperClaim, ProbeError, Params, builtin_probe_file, register, summary_report
 
 Metric = Callable[[Float[Tensor, "pos vocab"], Int[Tensor, " pos"]], float]
 
@@ -222,6 +222,14 @@ class Sinks(Detector):
     reports = (SINKS, SINK_TOKENS, SECONDARY_SINKS, MASSIVE_ACTIVATIONS, SINK_CALIBRATION)
     probe_fields = ("text",)
     prompt_field = "text"
+    # Gu et al. report Sink_1^0.3 per model; what carries over to any model is their claim that the
+    # first-token sink is universal, even in small models: a rate above 0.
+    paper_claims = {
+        "sinks.sink_rate": PaperClaim(
+            "Gu et al. 2025 (ICLR), Sink_1^eps with eps = 0.3: attention sinks emerge in every auto-regressive LM they test, small ones included",
+            null=0.0, direction="above",
+        ),
+    }
     ParamsType = SinkParams
     presets = {"full": {"probe_set": "full"}}
 
