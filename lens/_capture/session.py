@@ -123,26 +123,30 @@ def capture(
     seq_len = tokens.shape[1]
     model.check_length(seq_len)
 
-    def absolute(position: int) -> int:
-        return position + seq_len if position < 0 else position
-
     with session(model, needs, interventions, seq_len=seq_len, block_elements=block_elements), torch.set_grad_enabled(grad):
         decoder = getattr(model.hf, model.hf.base_model_prefix)
         final = decoder(input_ids=tokens.to(model.device), use_cache=False).last_hidden_state
-        for need in needs:
-            if isinstance(need, Logits):
-                need.consume(lm_head(model, final[:, [absolute(p) for p in need.positions]]))
-            elif isinstance(need, LogitChunks):
-                positions = torch.arange(seq_len) if need.positions is None else torch.tensor([absolute(p) for p in need.positions])
-                for start in range(0, len(positions), need.chunk):
-                    chunk = positions[start : start + need.chunk]
-                    need.consume(chunk, lm_head(model, final[:, chunk.to(final.device)]))
+        deliver_logits(model, final, needs)
+
+
+def deliver_logits(model, final: Float[Tensor, "batch pos d_model"], needs: Sequence[Need]) -> None:
+    """Feed the ``Logits`` and ``LogitChunks`` needs from the decoder's final hidden states (negative
+    positions count from the end of ``final``)."""
+    seq_len = final.shape[1]
+
+    def absolute(position: int) -> int:
+        return position + seq_len if position < 0 else position
+
+    for need in needs:
+        if isinstance(need, Logits):
+            need.consume(lm_head(model, final[:, [absolute(p) for p in need.positions]]))
+        elif isinstance(need, LogitChunks):
+            positions = torch.arange(seq_len) if need.positions is None else torch.tensor([absolute(p) for p in need.positions])
+            for start in range(0, len(positions), need.chunk):
+                chunk = positions[start : start + need.chunk]
+                need.consume(chunk, lm_head(model, final[:, chunk.to(final.device)]))
 
 
 def lm_head(model, hidden: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos vocab"]:
-    """The model's unembedding of final (normed) hidden states, with its logit soft-capping if any."""
-    logits = model.hf.get_output_embeddings()(hidden)
-    softcap = getattr(model.hf.config.get_text_config(), "final_logit_softcapping", None)
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
+    """The model's unembedding of final (normed) hidden states, with its logit scale and soft-capping if any."""
+    return model.unembed(hidden)

@@ -119,27 +119,12 @@ def _build_gemma3(out: Path) -> None:
 
 def _build_tiny_llama(out: Path) -> None:
     """A 2-layer random Llama with GQA (4 query heads, 2 KV heads) for fast tests."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
-    tokenizer_source = ensure_cached("smollm2-135m")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
-        architectures=["LlamaForCausalLM"],
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    from lens._models.tiny import build_tiny
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_cached("smollm2-135m"))
+    build_tiny("llama", out, tokenizer, tie_word_embeddings=True)
 
 
 CATALOG: dict[str, ModelSpec] = {

@@ -23,15 +23,17 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from lens._capture.attention import ATTENTION_IMPLEMENTATION, register_attention
-from lens._models.architectures import ArchitectureAdapter, adapter_for
+from lens._models.architectures import ArchitectureAdapter, UnsupportedArchitectureError, adapter_for
 from lens._models.catalog import CATALOG, cached_fingerprint, ensure_cached, known_models
 from lens._models.fingerprint import weights_fingerprint
 
 
 BOS_POLICIES = ("auto", "always", "never")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class UnknownModelError(ValueError):
@@ -56,6 +58,13 @@ class ModelInfo:
     bos_token: str | None
     # Per layer: "full_attention" or "sliding_attention" (Gemma 3 interleaves them).
     layer_types: tuple[str, ...] = field(default=())
+    sliding_window: int | None = None  # keys a sliding-window layer sees (its own position included)
+    attn_softcap: float | None = None  # attention scores become tanh(s / c) * c (Gemma 2)
+    logit_softcap: float | None = None  # logits likewise (Gemma 2 and 3)
+    # What the unembedding's output is multiplied by before any soft-capping (Cohere's logit_scale,
+    # 1 / Granite's logits_scaling): TransformerLens folds it into the weights, the workbench applies it.
+    logit_scale: float = 1.0
+    dtype: str = "float32"
 
     @property
     def n_heads_total(self) -> int:
@@ -119,6 +128,19 @@ class Model:
             self.hf.get_decoder()(input_ids=tokens.reshape(-1, tokens.shape[-1]).to(self.device), past_key_values=cache, use_cache=True)
         return cache
 
+    def layers(self) -> torch.nn.ModuleList:
+        """The decoder layers (where TransformerLens's adapter says they are)."""
+        return self.adapter.layers(self.hf)
+
+    def unembed(self, hidden: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch vocab"]:
+        """Logits of final (normed) hidden states: the unembedding, the logit scale, the soft-capping."""
+        logits = self.adapter.unembed(self.hf)(hidden)
+        if self.info.logit_scale != 1.0:
+            logits = logits * self.info.logit_scale
+        if self.info.logit_softcap is not None:
+            logits = torch.tanh(logits / self.info.logit_softcap) * self.info.logit_softcap
+        return logits
+
     def token_strings(self, ids: Tensor) -> list[str]:
         return [self.tokenizer.decode([i]) for i in ids.tolist()]
 
@@ -145,6 +167,9 @@ class Model:
 
 def _resolve(name: str) -> tuple[Path | str, str, str]:
     """(folder or hub id, display name, bridge name) for a catalog name, a local folder or a hub id."""
+    if not isinstance(name, (str, os.PathLike)):
+        raise UnknownModelError(f"lens.load takes a model name, a folder or a TransformerBridge, not a {type(name).__name__}")
+    name = str(name)
     if name in CATALOG:
         return ensure_cached(name), name, CATALOG[name].bridge_name
     path = Path(name).expanduser()
@@ -155,34 +180,115 @@ def _resolve(name: str) -> tuple[Path | str, str, str]:
     raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(known_models())} (or a local HF folder)")
 
 
-def load(name: str = "smollm2-135m", *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Model:
-    """Load a model by catalog name (``lens.known_models()``), local Hugging Face folder or hub id."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
 
-    source, display_name, bridge_name = _resolve(name)
-    register_attention()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=ATTENTION_IMPLEMENTATION)
-    except OSError as error:
-        raise UnknownModelError(f"cannot load model {name!r}: {str(error).splitlines()[0]}") from None
-    hf.to(device).eval()
+
+def _logit_scale(config) -> float:
+    # Not in TransformerLens's config: its Cohere adapter folds logit_scale into the unembedding
+    # weights, and Granite's logits_scaling has no TransformerLens field.
+    return float(getattr(config, "logit_scale", None) or 1.0) / float(getattr(config, "logits_scaling", None) or 1.0)
+
+
+def _model(hf, tokenizer, display_name: str, folder: Path | None, bridge_name: str) -> Model:
+    """A ``Model`` around a loaded transformers causal LM, its architecture read through TransformerLens."""
     config = hf.config.get_text_config()
-    architecture = (hf.config.architectures or [type(hf).__name__])[0]
-    folder = source if isinstance(source, Path) else None
+    architecture = type(hf).__name__
+    adapter, tl_config = adapter_for(hf.config, architecture)
+    layers = adapter.layers(hf)
+    if not all(_has(layer, adapter.attention_name) for layer in layers):
+        raise UnsupportedArchitectureError(f"cannot capture {architecture}: some layers have no {adapter.attention_name!r} attention")
     fingerprint = (cached_fingerprint(folder) if folder else None) or weights_fingerprint(hf.state_dict())
-    n_heads = config.num_attention_heads
+    n_layers = len(layers)
+    layer_types = tuple(getattr(config, "layer_types", None) or ["full_attention"] * n_layers)
+    soft_cap = lambda value: None if value is None or value <= 0 else float(value)  # TransformerLens: -1 means none
     info = ModelInfo(
         name=display_name,
         architecture=architecture,
-        n_layers=config.num_hidden_layers,
-        n_heads=n_heads,
-        n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
-        d_head=getattr(config, "head_dim", None) or config.hidden_size // n_heads,
-        d_model=config.hidden_size,
-        n_ctx=config.max_position_embeddings,
+        n_layers=n_layers,
+        n_heads=tl_config.n_heads,
+        n_kv_heads=getattr(tl_config, "n_key_value_heads", None) or tl_config.n_heads,
+        d_head=tl_config.d_head,
+        d_model=tl_config.d_model,
+        n_ctx=tl_config.n_ctx,
         fingerprint=fingerprint,
         bos_token=tokenizer.bos_token,
-        layer_types=tuple(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers),
+        layer_types=layer_types,
+        sliding_window=_sliding_window(config),
+        attn_softcap=soft_cap(getattr(tl_config, "attn_scores_soft_cap", None)),
+        logit_softcap=soft_cap(getattr(tl_config, "output_logits_soft_cap", None)),
+        logit_scale=_logit_scale(config),
+        dtype=str(next(hf.parameters()).dtype).removeprefix("torch."),
     )
-    return Model(info, hf, tokenizer, adapter_for(architecture), folder, bridge_name)
+    return Model(info, hf, tokenizer, adapter, folder, bridge_name)
+
+
+def _sliding_window(config) -> int | None:
+    """The window of the sliding-window layers: the config's, unless its layer types name none
+    (Qwen2 keeps a window in its config that no layer uses)."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return getattr(config, "sliding_window", None)
+
+
+def _has(module: torch.nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _is_bridge(source) -> bool:
+    return type(source).__name__ == "TransformerBridge" and hasattr(source, "original_model")
+
+
+def _from_bridge(bridge, device, dtype) -> Model:
+    """A ``Model`` over the weights of a user's ``TransformerBridge``. The bridge replaced its HF model's
+    modules with its own wrappers, so the workbench builds a plain HF model of the same config whose
+    parameters are the bridge's tensors (no copy unless ``device`` or ``dtype`` differ)."""
+    from transformers import AutoModelForCausalLM
+
+    if getattr(bridge, "_weights_processed", False):
+        raise ValueError("this TransformerBridge's weights are processed (compatibility mode folds norms and centres weights): "
+                         "hand lens.load a bridge without enable_compatibility_mode()")
+    wrapped = bridge.original_model
+    state = {key.replace("_original_component.", ""): value for key, value in wrapped.state_dict().items()}
+    hf = AutoModelForCausalLM.from_config(wrapped.config, attn_implementation=ATTENTION_IMPLEMENTATION, dtype=next(iter(state.values())).dtype)
+    hf.load_state_dict(state, assign=True, strict=False)
+    missing = set(hf.state_dict()) - set(state)
+    if missing - {key for key in missing if key.endswith("lm_head.weight")}:
+        raise ValueError(f"the bridge's model lacks weights the workbench needs: {sorted(missing)[:3]}")
+    hf.tie_weights()
+    hf.to(device=device or next(iter(state.values())).device, dtype=_torch_dtype(dtype) if dtype else None).eval()
+    name = getattr(bridge.cfg, "model_name", None) or type(wrapped).__name__
+    model = _model(hf, bridge.tokenizer, name, None, name)
+    model.__dict__["bridge"] = bridge  # ``model.bridge`` is the user's own
+    return model
+
+
+def load(name="smollm2-135m", *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Model:
+    """Load a model by catalog name (``lens.known_models()``), local Hugging Face folder or hub id, or
+    wrap a TransformerLens ``TransformerBridge`` (its weights, its tokenizer; ``model.bridge`` is it).
+    ``dtype``: float32 (default), bfloat16 or float16; ``device``: default cpu (a bridge's own)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    register_attention()
+    if _is_bridge(name):
+        return _from_bridge(name, device, dtype)
+    torch_dtype = _torch_dtype(dtype or "float32")
+    source, display_name, bridge_name = _resolve(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation=ATTENTION_IMPLEMENTATION)
+    except OSError as error:
+        raise UnknownModelError(f"cannot load model {name!r}: {str(error).splitlines()[0]}") from None
+    except ValueError as error:  # transformers knows no such architecture
+        raise UnsupportedArchitectureError(f"cannot load model {name!r}: {str(error).splitlines()[0]}") from None
+    hf.to(device or "cpu").eval()
+    folder = source if isinstance(source, Path) else None
+    return _model(hf, tokenizer, display_name, folder, bridge_name)
