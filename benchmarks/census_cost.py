@@ -12,7 +12,7 @@ in its own process (peak RSS is per process):
   This is the baseline of the ratios, so a detector that generates or ablates is charged only for
   what capture adds, not for the experiment it runs;
 - ``tl full cache``: TransformerLens ``run_with_cache`` of everything over the N-token probe, then
-  straightforward code for each detector's headline statistic on the cached patterns. It is one
+  straightforward code for one headline head statistic per detector on the cached patterns and head outputs. It is one
   forward pass with no generation, so it is a lower bound on a TransformerLens script; skipped where
   its cache cannot fit (``--memory-gb``).
 
@@ -148,23 +148,17 @@ def replay(model, calls: list[dict]) -> None:
         del out, logits, embeds  # free this call's graph before the next call
 
 
-def tl_statistics(model, cache, detector: str, n_tokens: int):
-    """Straightforward code on a TransformerLens full cache: each detector's headline head statistic."""
+def tl_statistics(model, cache, n_tokens: int):
+    """Straightforward code on a TransformerLens full cache, as a detector's headline head statistic
+    reads it: every head's mean attention distance (each cached pattern in full) and its output norm at
+    the last position (hook_z). Any detector's own statistic is a reduction of the same size."""
     import torch
 
-    patterns = [cache[f"blocks.{layer}.attn.hook_pattern"][0] for layer in range(model.info.n_layers)]  # head query key
-    if detector == "sinks":  # first-token attention, mean over queries
-        return torch.stack([p[:, :, 0].mean(-1) for p in patterns])
-    if detector == "retrieval":  # answer rows' attention argmax over the context
-        return torch.stack([p[:, -50:].argmax(-1).float().mean(-1) for p in patterns])
-    if detector == "preplan_anchor":  # mean attention distance
-        distance = (torch.arange(n_tokens)[:, None] - torch.arange(n_tokens)[None, :]).clamp_min(0).float()
-        return torch.stack([(p * distance).sum(-1).mean(-1) for p in patterns])
-    if detector == "contextual":  # last row's mass on the middle third of the context
-        return torch.stack([p[:, -1, n_tokens // 3 : 2 * n_tokens // 3].sum(-1) for p in patterns])
-    if detector == "circuits":  # final-position head outputs
-        return torch.stack([cache[f"blocks.{layer}.attn.hook_z"][0, -1].norm(dim=-1) for layer in range(model.info.n_layers)])
-    raise ValueError(detector)
+    distance = (torch.arange(n_tokens)[:, None] - torch.arange(n_tokens)[None, :]).clamp_min(0).float()
+    layers = range(model.info.n_layers)
+    mean_distance = torch.stack([(cache[f"blocks.{layer}.attn.hook_pattern"][0] * distance).sum(-1).mean(-1) for layer in layers])
+    output_norm = torch.stack([cache[f"blocks.{layer}.attn.hook_z"][0, -1].norm(dim=-1) for layer in layers])
+    return mean_distance, output_norm
 
 
 def child(mode: str, detectors: list[str], n_tokens: int, args) -> dict:
@@ -201,8 +195,8 @@ def child(mode: str, detectors: list[str], n_tokens: int, args) -> dict:
         tokens = model.tokenize(text)[:n_tokens]
         with torch.no_grad():
             _, cache = bridge.run_with_cache(tokens[None].to(args.device))
-            for name in detectors:
-                tl_statistics(model, cache, name, len(tokens))
+            for _ in detectors:  # one statistic per detector, as a script computing each would
+                tl_statistics(model, cache, len(tokens))
     elif mode == "census":
         trace = DecoderTrace(model)
         with tempfile.TemporaryDirectory() as tmp:
@@ -236,7 +230,7 @@ def _measure(mode: str, detectors: str, n_tokens: int, args, trace: str) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="512,2048,8192")
-    parser.add_argument("--detectors", default="sinks,retrieval,preplan_anchor,contextual,circuits", help="comma-separated; each alone, then all together")
+    parser.add_argument("--detectors", default=None, help="comma-separated; each alone, then all together (default: every registered detector)")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--context", type=int, default=0, help="allow lengths past the model's context (cost only)")
@@ -246,6 +240,10 @@ def main() -> None:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--trace", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.detectors is None:
+        import probes
+
+        args.detectors = ",".join(probes.available())
     if args.child:
         print(json.dumps(child(args.child, args.detectors.split(","), int(args.lengths), args)))
         return

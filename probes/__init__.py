@@ -10,6 +10,7 @@ import importlib
 import pkgutil
 
 from probes._base import REGISTRY, Claim, Detector, ForwardPass, PaperClaim, Params, ProbeError, builtin_probe_file, parse_param_flags, register
+from probes._overview import OKABE_ITO, OverviewLabel, OverviewScore, Rows
 
 for _module in pkgutil.iter_modules(__path__):
     if not _module.name.startswith("_"):
@@ -32,5 +33,5 @@ def get(name: str) -> type[Detector]:
         raise UnknownDetectorError(f"unknown detector {name!r}; available: {', '.join(available())}") from None
 
 
-__all__ = ["Claim", "Detector", "ForwardPass", "PaperClaim", "Params", "ProbeError", "UnknownDetectorError", "available", "builtin_probe_file", "get",
-           "parse_param_flags", "register"]
+__all__ = ["OKABE_ITO", "Claim", "Detector", "ForwardPass", "OverviewLabel", "OverviewScore", "PaperClaim", "Params", "ProbeError", "Rows",
+           "UnknownDetectorError", "available", "builtin_probe_file", "get", "parse_param_flags", "register"]

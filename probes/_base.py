@@ -23,9 +23,10 @@ from torch import Tensor
 
 from lens._capture.interventions import Intervention
 from lens._capture.needs import Need
-from lens._store.schema import Column, ReportSchema, register_schema
+from lens._store.schema import Column, ReportSchema, register_schema, unregister_schema
 from lens._store.store import Report
 from metrics.uncertainty import Interval, cluster_interval, mean_interval, paired_difference, proportion_interval
+from probes._overview import NEUTRAL, OverviewLabel, OverviewScore
 
 SUMMARY = register_schema(
     ReportSchema(
@@ -188,6 +189,11 @@ class Detector:
     # the parameters' defaults, sized for a census of every detector in minutes on a laptop CPU;
     # "full" is the research-scale run (every built-in probe, larger grids).
     presets: ClassVar[dict[str, dict[str, str]]] = {}
+    # How the detector appears in the census overview and the HTML report (probes/_overview.py): its
+    # colour (one of OKABE_ITO, distinct from the other detectors'), the labels it gives heads, its scores.
+    color: ClassVar[str] = NEUTRAL
+    overview_labels: ClassVar[tuple[OverviewLabel, ...]] = ()
+    overview_scores: ClassVar[tuple[OverviewScore, ...]] = ()
 
     def __init__(self, model, params: Params | None = None, *, seed: int = 0, bos: str = "auto"):
         self.model = model
@@ -294,6 +300,14 @@ class Registry:
             register_schema(schema)
         self.detectors[cls.name] = cls
         return cls
+
+    def unregister(self, name: str) -> None:
+        """Remove a detector and the report types only it declared (a detector defined in a test)."""
+        cls = self.detectors.pop(name)
+        still_declared = {schema.name for other in self.detectors.values() for schema in other.reports}
+        for schema in cls.reports:
+            if schema.name not in still_declared:
+                unregister_schema(schema.name)
 
 
 REGISTRY = Registry()

@@ -66,6 +66,7 @@ from metrics.circuits import (
 )
 from metrics.uncertainty import adjust_p_values, proportion_interval
 from probes._base import Claim, Detector, ForwardPass, PaperClaim, Params, ProbeError, register, summary_report
+from probes._overview import OKABE_ITO, OverviewLabel, OverviewScore, Rows
 
 METHODS = ("patching", "path_patching", "attribution", "eap_ig")
 CHANCE = 0.5  # two answers: LD > 0 by chance half the time
@@ -423,6 +424,10 @@ def _top_overlap(a: Tensor, b: Tensor, k: int = 10) -> float:
     return float((top_k(a.flatten(), k) & top_k(b.flatten(), k)).sum()) / k
 
 
+# The rows of circuit_heads the overview reads: exact activation patching.
+PATCHING_ROWS = Rows("method", "patching")
+
+
 @register
 class Circuits(Detector):
     name = "circuits"
@@ -440,6 +445,10 @@ class Circuits(Detector):
     }
     context_fields = ("clean", "corrupt")
     ParamsType = CircuitParams
+    color = OKABE_ITO["reddish_purple"]
+    # Exact activation patching: attribution and EAP-IG only approximate it.
+    overview_labels = (OverviewLabel("in-circuit", "circuit_heads", "in_circuit", "star", (0.0, 0.0), rows=PATCHING_ROWS),)
+    overview_scores = (OverviewScore("circuit_importance", "circuit_heads", "importance", largest_over="task", rows=PATCHING_ROWS),)
     presets = {"full": {"pairs_per_task": "64", "path_stages": "3"}}  # the research run: every declared stage
 
     def __init__(self, *args, **kwargs):

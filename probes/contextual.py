@@ -58,6 +58,7 @@ from lens._store.store import Report
 from metrics.contextual import focused_set_mass, heads_mean, score_ranks, set_mass, span_keys, top_heads
 from metrics.uncertainty import adjust_p_values, column_mean_intervals, mean_interval, proportion_interval
 from probes._base import Claim, Detector, ForwardPass, PaperClaim, Params, ProbeError, register, summary_report
+from probes._overview import OKABE_ITO, OverviewLabel, OverviewScore
 
 CONTEXTUAL = ReportSchema(
     "contextual",
@@ -330,6 +331,10 @@ def heldout_effect(model, examples: Sequence[Answered], focus: FocusDirections, 
     return np.array(mass), np.array(correct)
 
 
+# The overview labels a head contextual when it ranks among the first OVERVIEW_TOP.
+OVERVIEW_TOP = 20
+
+
 @register
 class Contextual(Detector):
     name = "contextual"
@@ -351,6 +356,9 @@ class Contextual(Detector):
         ),
     }
     ParamsType = ContextualParams
+    color = OKABE_ITO["orange"]
+    overview_labels = (OverviewLabel("contextual", "contextual", "rank", "diamond", (0.22, -0.2), top=OVERVIEW_TOP),)
+    overview_scores = (OverviewScore("contextual_score", "contextual", "contextual_score"),)
     presets = {"full": {"n_questions": "0", "gold_positions": "all"}}  # every question at every position
 
     def __init__(self, *args, **kwargs):

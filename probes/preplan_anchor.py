@@ -41,6 +41,7 @@ from lens._store.schema import Column, ReportSchema
 from lens._store.store import Report
 from metrics import preplan_anchor as pa
 from probes._base import Claim, Detector, ForwardPass, PaperClaim, Params, ProbeError, builtin_probe_file, register, summary_report
+from probes._overview import OKABE_ITO, OverviewLabel, OverviewScore, Rows
 
 VARIANTS = ("all", "no_sink")
 
@@ -149,6 +150,12 @@ def common_prefix(a: Tensor, b: Tensor) -> int:
     return int(differs[0]) if len(differs) else n
 
 
+# Local heads in a lighter shade of the detector's colour, global heads in it.
+LOCALITY_COLORS = {"global": OKABE_ITO["bluish_green"], "local": "#8FD3BF"}
+# The rows of head_locality the overview reads: attention as is (not with the sink removed).
+ALL_ATTENTION = Rows("variant", "all")
+
+
 @register
 class PreplanAnchor(Detector):
     name = "preplan_anchor"
@@ -170,6 +177,12 @@ class PreplanAnchor(Detector):
         ),
     }
     ParamsType = PreplanAnchorParams
+    color = OKABE_ITO["bluish_green"]
+    overview_labels = tuple(
+        OverviewLabel(group, "head_locality", "group", symbol, (-0.22, -0.2), equals=group, color=LOCALITY_COLORS[group], rows=ALL_ATTENTION)
+        for group, symbol in (("local", "triangle-down"), ("global", "triangle-up"))
+    )
+    overview_scores = (OverviewScore("mean_distance", "head_locality", "mean_distance", rows=ALL_ATTENTION),)
     presets = {"full": {"n_probes": "26"}}  # every problem template once
 
     def __init__(self, *args, **kwargs):

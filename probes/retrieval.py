@@ -70,6 +70,7 @@ from metrics.retrieval import (
 )
 from metrics.uncertainty import adjust_p_values, column_mean_intervals
 from probes._base import Claim, Detector, ForwardPass, PaperClaim, Params, ProbeError, builtin_probe_file, register, summary_report
+from probes._overview import OKABE_ITO, OverviewLabel, OverviewScore
 
 RETRIEVAL = ReportSchema(
     "retrieval",
@@ -341,6 +342,9 @@ class Retrieval(Detector):
         ),
     }
     ParamsType = RetrievalParams
+    color = OKABE_ITO["blue"]
+    overview_labels = (OverviewLabel("retrieval", "retrieval", "is_retrieval", "square", (0.22, 0.2)),)
+    overview_scores = (OverviewScore("retrieval_score", "retrieval", "retrieval_score"),)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -57,6 +57,7 @@ from metrics.sinks import (
 )
 from metrics.uncertainty import column_mean_intervals
 from probes._base import Claim, Detector, ForwardPass, PaperClaim, ProbeError, Params, builtin_probe_file, register, summary_report
+from probes._overview import OKABE_ITO, OverviewLabel, OverviewScore
 
 Metric = Callable[[Float[Tensor, "pos vocab"], Int[Tensor, " pos"]], float]
 
@@ -231,6 +232,9 @@ class Sinks(Detector):
         ),
     }
     ParamsType = SinkParams
+    color = OKABE_ITO["vermillion"]
+    overview_labels = (OverviewLabel("sink", "sinks", "is_sink", "circle", (-0.22, 0.2)),)
+    overview_scores = (OverviewScore("sink_score", "sinks", "sink_score"),)
     presets = {"full": {"probe_set": "full"}}
 
     # Python API (``calibrate_sinks``): the calibration metric, and the heads allowed to be calibrated

@@ -21,13 +21,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from lens._models.errors import UnsupportedArchitectureError
+
 # Layer types (``config.layer_types``) whose attention is softmax attention through the interface;
 # the model's mask applies the window or the chunk, and capture intersects its rows with that mask.
 ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
-
-
-class UnsupportedArchitectureError(ValueError):
-    """A model whose attention the workbench cannot capture."""
 
 
 @dataclass(frozen=True)
@@ -175,3 +173,31 @@ def adapter_for(hf_config, architecture: str):
         embed_path=mapping["embed"].name,
     )
     return adapter, tl_adapter.cfg
+
+
+def architectures_markdown() -> str:
+    """The supported architectures (with the module paths read from TransformerLens, and whether the
+    tests check a tiny model of each), then TransformerLens's other architectures and why not: the
+    generated block of docs/architectures.md (``lens architectures --write docs/architectures.md``)."""
+    import transformers
+
+    from lens._models.tiny import TINY_MODEL_TYPES
+
+    lines = [
+        "| architecture | model type | decoder layers | attention | MLP write | final norm | tested |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in supported_architectures():
+        model_class = getattr(transformers, name)
+        adapter, _ = adapter_for(model_class.config_class(), name)
+        model_type = model_class.config_class.model_type
+        tested = "yes" if model_type in TINY_MODEL_TYPES else ""
+        lines.append(f"| {name} | {model_type} | `{adapter.layers_path}` | `{adapter.attention_name}` | `{adapter.mlp_write_name}` | "
+                     f"`{adapter.final_norm_path}` | {tested} |")
+    lines += ["", "TransformerLens's other architectures, and why the workbench cannot capture them:", "",
+              "| architecture | why not |", "|---|---|"]
+    for name in sorted(_transformer_lens_adapters()):
+        reason = why_not_capturable(name)
+        if reason is not None:
+            lines.append(f"| {name} | {reason.replace('|', '/')} |")
+    return "\n".join(lines)

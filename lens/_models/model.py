@@ -27,17 +27,14 @@ from jaxtyping import Float
 from torch import Tensor
 
 from lens._capture.attention import ATTENTION_IMPLEMENTATION, register_attention
-from lens._models.architectures import ArchitectureAdapter, UnsupportedArchitectureError, adapter_for
+from lens._models.architectures import ArchitectureAdapter, adapter_for
+from lens._models.errors import UnknownModelError, UnsupportedArchitectureError
 from lens._models.catalog import CATALOG, cached_fingerprint, ensure_cached, known_models
 from lens._models.fingerprint import weights_fingerprint
 
 
 BOS_POLICIES = ("auto", "always", "never")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class UnknownModelError(ValueError):
-    pass
 
 
 class PromptTooLongError(ValueError):

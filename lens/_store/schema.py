@@ -96,6 +96,11 @@ def register_schema(schema: ReportSchema) -> ReportSchema:
     return schema
 
 
+def unregister_schema(name: str) -> None:
+    """Forget a report type (its detector was unregistered)."""
+    REPORT_SCHEMAS.pop(name, None)
+
+
 def schema_for(report_type: str) -> ReportSchema:
     """The registered schema of ``report_type``. A detector registers its reports' schemas when it is
     registered (``probes.register``); the store never loads detectors itself."""

@@ -16,8 +16,13 @@ class View:
     # frames[report_type] = rows of that report for the selected run (and model); returns a plotly Figure.
     make: Callable[[dict[str, pd.DataFrame]], object]
     # Report types used when the run has them (frames then lacks the others); the view needs min_optional of them.
-    optional: tuple[str, ...] = ()
+    # A function returning them is asked each time (the overview: the reports of the detectors registered now).
+    optional: tuple[str, ...] | Callable[[], tuple[str, ...]] = ()
     min_optional: int = 1
+
+    @property
+    def optional_reports(self) -> tuple[str, ...]:
+        return tuple(self.optional()) if callable(self.optional) else self.optional
 
     @property
     def group(self) -> str:
@@ -26,19 +31,21 @@ class View:
 
     def applies_to(self, report_types) -> bool:
         present = set(report_types)
-        return set(self.reports) <= present and (not self.optional or len(present & set(self.optional)) >= self.min_optional)
+        optional = self.optional_reports
+        return set(self.reports) <= present and (not optional or len(present & set(optional)) >= self.min_optional)
 
 
 VIEWS: dict[str, View] = {}
 
 
-def view(name: str, *, title: str, reports: tuple[str, ...] = (), optional: tuple[str, ...] = (), min_optional: int = 1):
+def view(name: str, *, title: str, reports: tuple[str, ...] = (), optional: tuple[str, ...] | Callable[[], tuple[str, ...]] = (),
+         min_optional: int = 1):
     """Register ``make(frames) -> plotly.graph_objects.Figure`` as a view."""
 
     def register(make):
         if name in VIEWS:
             raise ValueError(f"view {name!r} registered twice")
-        VIEWS[name] = View(name, title, tuple(reports), make, tuple(optional), min_optional)
+        VIEWS[name] = View(name, title, tuple(reports), make, optional if callable(optional) else tuple(optional), min_optional)
         return make
 
     return register
@@ -58,8 +65,9 @@ def run_report_types(store, run_id: str) -> list[str]:
 def read_frames(store, selected: View, *, run_id: str, model: str | None = None) -> dict[str, pd.DataFrame]:
     """The view's reports for one run: every required one, and the optional ones the run wrote."""
     filters = {"run_id": run_id, **({"model": model} if model else {})}
-    written = set(run_report_types(store, run_id)) if selected.optional else set()
-    wanted = list(selected.reports) + [r for r in selected.optional if r in written and r not in selected.reports]
+    optional = selected.optional_reports
+    written = set(run_report_types(store, run_id)) if optional else set()
+    wanted = list(selected.reports) + [r for r in optional if r in written and r not in selected.reports]
     return {report: store.read(report, **filters) for report in wanted}
 
 

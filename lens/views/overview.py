@@ -1,23 +1,14 @@
 """The census overview: every head's labels and scores across detectors, and two runs side by side.
 
-Reads whichever of these reports a run has (a detector that did not run is simply absent):
-
-| label | report | rule | score column |
-|---|---|---|---|
-| sink | ``sinks`` | ``is_sink`` | ``sink_score`` |
-| retrieval | ``retrieval`` | ``is_retrieval`` | ``retrieval_score`` |
-| local / global | ``head_locality`` | ``group`` is "local" / "global" | ``mean_distance`` |
-| contextual | ``contextual`` | ``rank`` among the first ``CONTEXTUAL_TOP`` | ``contextual_score`` |
-| in-circuit | ``circuit_heads`` | ``in_circuit`` for any task | ``importance``: the largest magnitude over tasks |
-
-Where a report has several rows per head, one kind is read (``PREFERRED_ROWS``): head locality of
-attention as is (variant "all", not "no_sink"), and circuits from exact activation patching (the
-estimates, attribution and EAP-IG, only approximate it). Without that column or value, every row is read.
+The labels and scores come from the detectors themselves (``Detector.overview_labels`` and
+``overview_scores``, declared in each ``probes/<detector>.py`` with ``probes.OverviewLabel`` and
+``probes.OverviewScore``), so a new detector appears here without an edit. Each is read from a report
+the run has (a detector that did not run is simply absent); where a report has several rows per head,
+the label or score names the rows it reads (``Rows``: e.g. exact activation patching of circuits).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,86 +16,47 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+import probes
 from lens.views._registry import read_frames, view
 from lens.views.charts import head_grid, head_label, no_data
-from lens.views.style import DIVERGING, LOCALITY_COLORS, NEUTRAL, detector_color, styled
-
-CONTEXTUAL_TOP = 20
-PREFERRED_ROWS = {"head_locality": ("variant", "all"), "circuit_heads": ("method", "patching")}
+from lens.views.style import DIVERGING, NEUTRAL, detector_color, styled
+from probes import OverviewLabel, OverviewScore, Rows
 
 
-def _flag(column: str) -> Callable[[pd.DataFrame], pd.Series]:
-    return lambda frame: frame[column].astype(bool)
+def overview_labels() -> list[tuple[str, OverviewLabel]]:
+    """(detector, label) for every registered detector's overview labels."""
+    return [(name, label) for name in probes.available() for label in probes.get(name).overview_labels]
 
 
-def _group(name: str) -> Callable[[pd.DataFrame], pd.Series]:
-    return lambda frame: frame["group"].astype(str) == name
+def overview_scores() -> list[tuple[str, OverviewScore]]:
+    """(detector, score) for every registered detector's overview scores."""
+    return [(name, score) for name in probes.available() for score in probes.get(name).overview_scores]
 
 
-def _top_ranked(frame: pd.DataFrame) -> pd.Series:
-    # Ranks may start at 0 or 1; "top N" counts from the best rank present.
-    return frame["rank"] - frame["rank"].min() < CONTEXTUAL_TOP
+def overview_reports() -> tuple[str, ...]:
+    """The reports the overview reads: those of the registered detectors' labels and scores."""
+    return tuple(dict.fromkeys([label.report for _, label in overview_labels()] + [score.report for _, score in overview_scores()]))
 
 
-@dataclass(frozen=True)
-class Label:
-    name: str
-    detector: str
-    report: str
-    column: str  # the column the rule reads
-    rule: Callable[[pd.DataFrame], pd.Series]
-    color: str
-    symbol: str
-    offset: tuple[float, float]  # where in the head's cell the marker sits
+def label_color(detector: str, label: OverviewLabel) -> str:
+    return label.color or detector_color(detector)
 
 
-LABELS = (
-    Label("sink", "sinks", "sinks", "is_sink", _flag("is_sink"), detector_color("sinks"), "circle", (-0.22, 0.2)),
-    Label("retrieval", "retrieval", "retrieval", "is_retrieval", _flag("is_retrieval"), detector_color("retrieval"), "square", (0.22, 0.2)),
-    Label("local", "preplan_anchor", "head_locality", "group", _group("local"), LOCALITY_COLORS["local"], "triangle-down", (-0.22, -0.2)),
-    Label("global", "preplan_anchor", "head_locality", "group", _group("global"), LOCALITY_COLORS["global"], "triangle-up", (-0.22, -0.2)),
-    Label("contextual", "contextual", "contextual", "rank", _top_ranked, detector_color("contextual"), "diamond", (0.22, -0.2)),
-    Label("in-circuit", "circuits", "circuit_heads", "in_circuit", _flag("in_circuit"), detector_color("circuits"), "star", (0.0, 0.0)),
-)
-
-
-@dataclass(frozen=True)
-class Score:
-    column: str  # name in the head table
-    detector: str
-    report: str
-    source: str  # column of the report
-
-
-SCORES = (
-    Score("sink_score", "sinks", "sinks", "sink_score"),
-    Score("retrieval_score", "retrieval", "retrieval", "retrieval_score"),
-    Score("mean_distance", "preplan_anchor", "head_locality", "mean_distance"),
-    Score("contextual_score", "contextual", "contextual", "contextual_score"),
-    Score("circuit_importance", "circuits", "circuit_heads", "importance"),
-)
-OVERVIEW_REPORTS = tuple(dict.fromkeys([label.report for label in LABELS] + [score.report for score in SCORES]))
-
-
-def _usable(frames: dict[str, pd.DataFrame], report: str, column: str) -> pd.DataFrame | None:
+def _usable(frames: dict[str, pd.DataFrame], report: str, column: str, rows: Rows | None) -> pd.DataFrame | None:
     frame = frames.get(report)
     if frame is None or frame.empty or not {"layer", "head", column} <= set(frame.columns):
         return None
-    if report in PREFERRED_ROWS:
-        column, value = PREFERRED_ROWS[report]
-        if column in frame.columns and (frame[column] == value).any():
-            return frame[frame[column] == value]
-    return frame
+    return rows.select(frame) if rows else frame
 
 
 def head_labels(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Long table (layer, head, label): one row per label a head carries."""
     rows = []
-    for label in LABELS:
-        frame = _usable(frames, label.report, label.column)
+    for _, label in overview_labels():
+        frame = _usable(frames, label.report, label.column, label.rows)
         if frame is None:
             continue
-        hits = frame[label.rule(frame).to_numpy()][["layer", "head"]].drop_duplicates()
+        hits = frame[label.selects(frame).to_numpy()][["layer", "head"]].drop_duplicates()
         rows.append(hits.assign(label=label.name))
     if not rows:
         return pd.DataFrame({"layer": pd.Series(dtype="int64"), "head": pd.Series(dtype="int64"), "label": pd.Series(dtype="string")})
@@ -114,16 +66,10 @@ def head_labels(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
 def head_table(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """One row per head: each detector's score (the detectors that ran) and the head's labels."""
     columns = []
-    for score in SCORES:
-        frame = _usable(frames, score.report, score.source)
-        if frame is None:
-            continue
-        if score.report == "circuit_heads":
-            per_task = frame.groupby(["task", "layer", "head"])[score.source].mean().abs()
-            values = per_task.groupby(["layer", "head"]).max()
-        else:
-            values = frame.groupby(["layer", "head"])[score.source].mean()
-        columns.append(values.rename(score.column))
+    for _, score in overview_scores():
+        frame = _usable(frames, score.report, score.column, score.rows)
+        if frame is not None:
+            columns.append(score.per_head(frame))
     if not columns:
         return pd.DataFrame(columns=["layer", "head", "labels"])
     table = pd.concat(columns, axis=1).sort_index().reset_index()
@@ -134,7 +80,7 @@ def head_table(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 
 def score_columns(table: pd.DataFrame) -> list[str]:
-    return [score.column for score in SCORES if score.column in table.columns]
+    return [score.name for _, score in overview_scores() if score.name in table.columns]
 
 
 def correlations(table: pd.DataFrame) -> pd.DataFrame:
@@ -143,7 +89,7 @@ def correlations(table: pd.DataFrame) -> pd.DataFrame:
     return scores.corr(method="spearman", min_periods=3)
 
 
-@view("overview.labels", title="Head labels across detectors", optional=OVERVIEW_REPORTS)
+@view("overview.labels", title="Head labels across detectors", optional=overview_reports)
 def labels_grid(frames):
     labels = head_labels(frames)
     shape = _grid_shape(frames)
@@ -171,7 +117,7 @@ def labels_grid(frames):
             hovertemplate="layer %{x}, head %{y}: %{customdata}<extra></extra>",
         )
     )
-    for label in LABELS:
+    for detector, label in overview_labels():
         hits = labels[labels["label"] == label.name]
         if hits.empty:
             continue
@@ -183,7 +129,7 @@ def labels_grid(frames):
                 mode="markers",
                 name=f"{label.name} ({len(hits)})",
                 showlegend=True,  # also when a single label is present
-                marker=dict(symbol=label.symbol, size=5, color=label.color, line=dict(color="black", width=0.4)),
+                marker=dict(symbol=label.symbol, size=5, color=label_color(detector, label), line=dict(color="black", width=0.4)),
                 hoverinfo="skip",
             )
         )
@@ -212,7 +158,7 @@ def _grid_shape(frames: dict[str, pd.DataFrame]) -> tuple[int, int] | None:
     return int(both["layer"].max()) + 1, int(both["head"].max()) + 1
 
 
-@view("overview.correlations", title="Correlations between detector scores", optional=OVERVIEW_REPORTS, min_optional=2)
+@view("overview.correlations", title="Correlations between detector scores", optional=overview_reports, min_optional=2)
 def correlation_matrix(frames):
     table = head_table(frames)
     columns = score_columns(table)
@@ -294,18 +240,18 @@ def label_counts(a: RunFrames, b: RunFrames) -> pd.DataFrame:
     shape_a, shape_b = _grid_shape(a.frames), _grid_shape(b.frames)
     same_shape = shape_a is not None and shape_a == shape_b
     rows = []
-    for label in LABELS:
+    for detector, label in overview_labels():
         heads_a = set(zip(*labels_a[labels_a["label"] == label.name][["layer", "head"]].to_numpy().T)) if len(labels_a) else set()
         heads_b = set(zip(*labels_b[labels_b["label"] == label.name][["layer", "head"]].to_numpy().T)) if len(labels_b) else set()
-        ran_a = _usable(a.frames, label.report, label.column) is not None
-        ran_b = _usable(b.frames, label.report, label.column) is not None
+        ran_a = _usable(a.frames, label.report, label.column, label.rows) is not None
+        ran_b = _usable(b.frames, label.report, label.column, label.rows) is not None
         if not (ran_a or ran_b):
             continue
         union = heads_a | heads_b
         rows.append(
             {
                 "label": label.name,
-                "color": label.color,
+                "color": label_color(detector, label),
                 "heads_A": len(heads_a) if ran_a else np.nan,
                 "heads_B": len(heads_b) if ran_b else np.nan,
                 "percent_A": 100 * len(heads_a) / np.prod(shape_a) if ran_a else np.nan,
@@ -330,7 +276,7 @@ def compare_scores(a: RunFrames, b: RunFrames) -> go.Figure:
     fig = make_subplots(rows=n_rows, cols=n_cols, subplot_titles=titles, horizontal_spacing=0.12, vertical_spacing=0.3 / n_rows)
     for index, column in enumerate(shared):
         row, col = index // n_cols + 1, index % n_cols + 1
-        color = detector_color(next(s.detector for s in SCORES if s.column == column))
+        color = detector_color(next(detector for detector, score in overview_scores() if score.name == column))
         if same_shape:
             paired = _paired(column, table_a, table_b)
             fig.add_trace(

@@ -12,7 +12,8 @@ from plotly.subplots import make_subplots
 
 from lens.views._registry import view
 from lens.views.charts import head_grid, head_label, no_data
-from lens.views.style import LOCALITY_COLORS, OKABE_ITO, SEQUENTIAL, styled
+from lens.views.style import OKABE_ITO, SEQUENTIAL, styled
+from probes.preplan_anchor import LOCALITY_COLORS
 
 VARIANTS = ("all", "no_sink")
 ATTENTION_TICKS = [0, 0.01, 0.05, 0.25, 1]

@@ -20,7 +20,7 @@ import plotly.offline
 from lens.views._registry import VIEWS, render, run_report_types
 from lens.views.export import FORMATS, export
 from lens.views.overview import compare_labels, compare_scores, correlations, head_table, label_counts, load_run
-from lens.views.style import DETECTOR_COLORS, FONT_FAMILY, detector_color, paper_styled
+from lens.views.style import FONT_FAMILY, detector_color, detector_colors, paper_styled
 
 REPORT_FORMATS = (*FORMATS, "html")
 STYLES = ("screen", "paper")
@@ -179,7 +179,7 @@ def _overview_section(store, run_id: str, figures: dict[str, go.Figure]) -> str:
     parts = [
         "<p>Each head's labels across the detectors that ran (a detector that did not run is absent), and how their "
         "per-head scores relate. Colours: "
-        + ", ".join(f"<span class='swatch' style='background:{color}'></span>{name}" for name, color in DETECTOR_COLORS.items())
+        + ", ".join(f"<span class='swatch' style='background:{color}'></span>{name}" for name, color in detector_colors().items())
         + ".</p>",
         _figures_html(figures, "overview"),
     ]

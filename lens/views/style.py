@@ -8,13 +8,17 @@ Every view builds its figure with the helpers in ``lens.views.charts`` and finis
 - categories: the Okabe-Ito palette (Okabe & Ito 2008, safe for the common colour-vision deficiencies);
 - scores: the sequential scale ``SEQUENTIAL`` (viridis), and ``DIVERGING`` (RdBu, ColorBrewer's
   colour-blind-safe diverging scale) for signed values such as correlations;
-- one colour per detector (``DETECTOR_COLORS``), the same in every figure and in the HTML report.
+- one colour per detector (``detector_color``: the colour the detector declares, ``Detector.color``), the
+  same in every figure and in the HTML report.
 """
 
 from __future__ import annotations
 
 import plotly.graph_objects as go
 import plotly.io as pio
+
+import probes
+from probes._overview import NEUTRAL, OKABE_ITO
 
 PX_PER_IN = 96  # plotly's layout unit is the CSS pixel
 SINGLE_COLUMN_IN = 3.3
@@ -24,38 +28,20 @@ WIDTHS_IN = {"single": SINGLE_COLUMN_IN, "double": DOUBLE_COLUMN_IN}
 FONT_FAMILY = "Helvetica, Arial, 'Liberation Sans', 'DejaVu Sans', sans-serif"
 FONT_SIZE = 9  # pt-like size at print width; titles a little larger
 
-# Okabe-Ito, in their published order (black first).
-OKABE_ITO = {
-    "black": "#000000",
-    "orange": "#E69F00",
-    "sky_blue": "#56B4E9",
-    "bluish_green": "#009E73",
-    "yellow": "#F0E442",
-    "blue": "#0072B2",
-    "vermillion": "#D55E00",
-    "reddish_purple": "#CC79A7",
-}
 CATEGORICAL = [OKABE_ITO[name] for name in ("blue", "orange", "bluish_green", "vermillion", "reddish_purple", "sky_blue", "black", "yellow")]
-
-# One colour per detector. preplan_anchor labels heads local or global: global heads take the
-# detector's colour, local heads a light tint of it, so the detector keeps one hue.
-DETECTOR_COLORS = {
-    "sinks": OKABE_ITO["vermillion"],
-    "retrieval": OKABE_ITO["blue"],
-    "preplan_anchor": OKABE_ITO["bluish_green"],
-    "contextual": OKABE_ITO["orange"],
-    "circuits": OKABE_ITO["reddish_purple"],
-}
-LOCALITY_COLORS = {"global": OKABE_ITO["bluish_green"], "local": "#8FD3BF"}
-NEUTRAL = "#7F7F7F"  # thresholds, reference lines, "other"
 
 SEQUENTIAL = "Viridis"
 DIVERGING = "RdBu_r"  # reversed so positive is red
 
 
 def detector_color(detector: str) -> str:
-    """The detector's colour; unknown detectors (added later) get a neutral grey until they are given one."""
-    return DETECTOR_COLORS.get(detector, NEUTRAL)
+    """The colour the detector declares (``Detector.color``); grey for one that is not registered."""
+    return probes.REGISTRY.detectors[detector].color if detector in probes.REGISTRY.detectors else NEUTRAL
+
+
+def detector_colors() -> dict[str, str]:
+    """Every registered detector's colour, by name."""
+    return {name: detector_color(name) for name in probes.available()}
 
 
 def _template() -> go.layout.Template:

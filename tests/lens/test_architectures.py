@@ -125,3 +125,14 @@ def test_loading_an_uncapturable_architecture_names_it(tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path)
     with pytest.raises(UnsupportedArchitectureError, match="cannot capture BloomForCausalLM: its attention does not go through"):
         lens.load(str(tmp_path))
+
+
+def test_architectures_page_is_current():
+    from pathlib import Path
+
+    from lens._models.architectures import architectures_markdown
+
+    page = (Path(__file__).parents[2] / "docs" / "architectures.md").read_text()
+    block = page.split("<!-- architectures:begin -->\n", 1)[1].split("\n<!-- architectures:end -->", 1)[0]
+    assert block == architectures_markdown(), "regenerate it: lens architectures --write docs/architectures.md"
+    assert block.count("| yes |") == len(TINY_MODEL_TYPES) >= 6

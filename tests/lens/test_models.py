@@ -66,3 +66,22 @@ def test_bridge_logits_equal_transformers(smollm2, eager_reference):
 
 def test_tiny_llama_has_grouped_query_attention(tiny_llama):
     assert (tiny_llama.info.n_heads, tiny_llama.info.n_kv_heads, tiny_llama.info.n_layers) == (4, 2, 2)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", torch.float16])
+def test_load_in_half_precision(tiny_llama, dtype):
+    model = lens.load("tiny-llama", dtype=dtype)
+    name = str(dtype).removeprefix("torch.")
+    assert model.info.dtype == name and next(model.hf.parameters()).dtype == getattr(torch, name)
+    assert model.info.fingerprint == tiny_llama.info.fingerprint  # the model's identity, not its precision
+    tokens = model.tokenize("Bridges and rivers, hills and valleys.")
+    rows = []
+    lens.capture(model, tokens, [lens.AttentionRows(lambda block: rows.append(block.probs), positions=[-1])])
+    # Capture computes probabilities in float32 whatever the weights' precision.
+    assert len(rows) == 2 and rows[0].dtype == torch.float32
+    torch.testing.assert_close(rows[0].sum(-1), torch.ones_like(rows[0].sum(-1)))
+
+
+def test_unknown_dtype_is_one_clear_error():
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16, got 'int8'"):
+        lens.load("tiny-llama", dtype="int8")

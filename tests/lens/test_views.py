@@ -12,11 +12,13 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
+import probes
 from lens.views import VIEWS, available_views, render
 from lens.views._registry import run_report_types
 from lens.views.export import ExportError, export, find_browser, png_dpi
 from lens.views.overview import RunFrames, compare_labels, compare_scores, correlations, head_labels, head_table, label_counts
-from lens.views.style import DETECTOR_COLORS, FONT_FAMILY, OKABE_ITO, PX_PER_IN, WIDTHS_IN
+from lens.views.style import FONT_FAMILY, OKABE_ITO, PX_PER_IN, WIDTHS_IN, detector_colors
+from probes.sinks import Sinks
 
 needs_browser = pytest.mark.skipif(find_browser() is None, reason="no Chromium-based browser for kaleido (apt-get install chromium)")
 needs_poppler = pytest.mark.skipif(shutil.which("pdftoppm") is None, reason="pdftoppm not installed (apt-get install poppler-utils)")
@@ -27,7 +29,7 @@ def test_every_view_renders_from_a_real_run(census_run, name):
     store, run_id = census_run
     types = run_report_types(store, run_id)
     if not VIEWS[name].applies_to(types):
-        needed = VIEWS[name].reports or f"{VIEWS[name].min_optional} of {VIEWS[name].optional}"
+        needed = VIEWS[name].reports or f"{VIEWS[name].min_optional} of {VIEWS[name].optional_reports}"
         pytest.skip(f"{name} needs reports {needed}; this run has {types}")
     fig = render(store, name, run_id=run_id)
     assert isinstance(fig, go.Figure)
@@ -52,7 +54,7 @@ def test_sinks_views_show_the_stored_numbers(census_run):
     per_layer = render(store, "sinks.first_token_mass", run_id=run_id)
     mean_line = next(t for t in per_layer.data if t.name == "first token")
     np.testing.assert_allclose(mean_line.y, sinks.groupby("layer")["sink_score"].mean().to_numpy())
-    assert mean_line.line.color == DETECTOR_COLORS["sinks"]
+    assert mean_line.line.color == Sinks.color
 
     top = render(store, "sinks.top_heads", run_id=run_id)
     best = sinks.loc[sinks["sink_score"].idxmax()]
@@ -202,6 +204,6 @@ def test_export_without_a_browser_says_what_to_install(monkeypatch, tmp_path):
 
 
 def test_palette_is_okabe_ito_and_one_colour_per_detector():
-    colours = list(DETECTOR_COLORS.values())
-    assert len(set(colours)) == len(colours) == 5
+    colours = list(detector_colors().values())
+    assert len(set(colours)) == len(colours) == len(probes.available())
     assert set(colours) <= set(OKABE_ITO.values())
