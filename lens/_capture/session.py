@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -115,9 +115,16 @@ def capture(
     *,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     grad: bool = False,
+    hooks: Mapping[str, Callable] | None = None,
 ) -> None:
     """Run one forward pass over ``tokens`` and feed every need. The decoder runs without its LM head;
-    logits are computed only where ``Logits`` or ``LogitChunks`` needs ask. Nothing is returned."""
+    logits are computed only where ``Logits`` or ``LogitChunks`` needs ask. Nothing is returned.
+    ``hooks``: TransformerLens-named hooks ``{"blocks.3.attn.hook_z": fn(z, hook)}`` (lens/_capture/hook_names.py)."""
+    if hooks:
+        from lens._capture.hook_names import hook_points
+
+        hook_needs, hook_edits = hook_points(hooks, model.info.n_layers)
+        needs, interventions = [*needs, *hook_needs], [*interventions, *hook_edits]
     if tokens.dim() == 1:
         tokens = tokens[None]
     seq_len = tokens.shape[1]

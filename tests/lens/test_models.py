@@ -85,3 +85,52 @@ def test_load_in_half_precision(tiny_llama, dtype):
 def test_unknown_dtype_is_one_clear_error():
     with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16, got 'int8'"):
         lens.load("tiny-llama", dtype="int8")
+
+
+def test_a_users_bridge_is_captured_by_transformer_lens_hook_names(smollm2):
+    """lens.load(bridge) wraps a TransformerBridge's own weights; hooks named as in TransformerLens read
+    what run_with_cache reads, and a replacing hook_z edits like run_with_hooks."""
+    bridge = smollm2.bridge
+    model = lens.load(bridge)
+    assert model.bridge is bridge and model.info.fingerprint == smollm2.info.fingerprint
+    assert next(model.hf.parameters()).data_ptr() in {p.data_ptr() for p in bridge.parameters()}  # shared, not copied
+    tokens = smollm2.tokenize("Bridges and rivers, hills and valleys, roads and towns.")
+    n = len(tokens)
+    got: dict[str, torch.Tensor] = {}
+
+    def pattern(block: lens.AttentionBlock, hook) -> None:
+        full = got.setdefault(hook.name, torch.zeros(block.probs.shape[1], n, n))
+        full[:, block.positions, : block.n_keys] = block.probs[0]
+
+    def keep(value, hook) -> None:
+        got[hook.name] = value[0].detach().clone()
+
+    names = ["blocks.18.attn.hook_pattern", "blocks.3.attn.hook_z", "blocks.3.attn.hook_rot_q", "blocks.5.hook_resid_post", "blocks.5.hook_mlp_out"]
+    logits = []
+    lens.capture(model, tokens, [lens.Logits(logits.append)], hooks={name: pattern if name.endswith("pattern") else keep for name in names})
+    with torch.no_grad():
+        reference_logits, cache = bridge.run_with_cache(tokens[None], names_filter=names)
+    for name in names:
+        torch.testing.assert_close(got[name], cache[name][0], atol=1e-5, rtol=1e-4)
+
+    def zero_head_0(z, hook):
+        z = z.clone()
+        z[:, :, 0] = 0.0
+        return z
+
+    lens.capture(model, tokens, [lens.Logits(logits.append)], hooks={"blocks.3.attn.hook_z": zero_head_0})
+    with torch.no_grad():
+        patched = bridge.run_with_hooks(tokens[None], fwd_hooks=[("blocks.3.attn.hook_z", zero_head_0)])
+    torch.testing.assert_close(logits[0][0, -1], reference_logits[0, -1], atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits[1][0, -1], patched[0, -1], atol=1e-4, rtol=0)
+    assert (logits[1][0, -1] - logits[0][0, -1]).abs().max() > 1e-3  # the edit changed something
+
+
+def test_unknown_hook_names_are_refused(tiny_llama):
+    tokens = tiny_llama.tokenize("hello")
+    with pytest.raises(ValueError, match="unknown hook name 'blocks.0.attn.hook_attn_scores'; capture knows blocks.<layer>"):
+        lens.capture(tiny_llama, tokens, hooks={"blocks.0.attn.hook_attn_scores": print})
+    with pytest.raises(ValueError, match="blocks.7.attn.hook_z: the model has 2 layers"):
+        lens.capture(tiny_llama, tokens, hooks={"blocks.7.attn.hook_z": print})
+    with pytest.raises(ValueError, match="blocks.0.hook_resid_post: capture only reads this activation"):
+        lens.capture(tiny_llama, tokens, hooks={"blocks.0.hook_resid_post": lambda x, hook: x})
