@@ -1,22 +1,24 @@
 """The head census: run detectors over their probes on one model and store their reports.
 
-Detectors advance in lockstep, one forward pass each per step; passes with the same tokens (and no
-interventions) are merged into one forward pass serving every detector. Reports are written only
-after every detector has finished, then the run manifest: an interrupted census leaves the store as
-it was.
+A census is a batch job of work units (lens/_units.py): shards of each detector's probes (map), then
+each detector's later stages, then its reduce into reports. Every finished unit is kept in the store,
+so nothing finished is computed twice: the run's id is derived from what determines its results, and
+running the same census again resumes it. A detector's reports are written when its reduce is done,
+then its manifest row (``runs``); a run is finished when every detector has its manifest row.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
+import hashlib
 import json
 import platform
 import secrets
+import signal
 import sys
 import tempfile
-import typing
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -25,11 +27,12 @@ import pandas as pd
 import torch
 
 import probes as detector_registry
-from lens._capture.session import capture
+from lens._executors import EXECUTORS, make_executor
 from lens._models.model import BOS_POLICIES
 from lens._probe_file import read_probe_file, probe_set_hash
 from lens._store.store import Report, ReportStore
-from probes._base import Detector, ForwardPass, ProbeError
+from lens._units import Checkpoints, DetectorSpec, ProgressCallback, Unit, map_units, reduce_detector
+from probes._base import ProbeError
 
 _VERSIONED = ("torch", "transformers", "transformer-lens", "lens-workbench", "numpy", "pandas", "pyarrow", "duckdb")
 
@@ -48,10 +51,6 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def new_run_id() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
-
-
 @dataclass
 class CensusResult:
     """A finished run: its reports are in ``store``; in a notebook it shows its claims and overview."""
@@ -61,7 +60,9 @@ class CensusResult:
     store: ReportStore
     reports: dict[str, list[Report]] = field(default_factory=dict)
     summary: dict[str, list[str]] = field(default_factory=dict)
-    n_forward_passes: int = 0
+    n_forward_passes: int = 0  # run by this call (a resumed run counts only what it computed)
+    resumed_units: int = 0  # units found finished in the store and not recomputed
+    units_run: int = 0  # units computed by this call
 
     def claims(self) -> pd.DataFrame:
         """Every detector's claims: estimate, 95% interval, n, p-value, method."""
@@ -100,20 +101,51 @@ class CensusResult:
             self.show("overview.labels").show()
 
 
-def _lockstep(streams: dict[str, Iterator[ForwardPass]]) -> Iterator[list[tuple[str, ForwardPass]]]:
-    """Yield groups of passes that one forward pass can serve, advancing every detector one step."""
-    while streams:
-        step: list[tuple[str, ForwardPass]] = []
-        for name in list(streams):
-            try:
-                step.append((name, next(streams[name])))
-            except StopIteration:
-                del streams[name]
-        groups: dict[bytes, list[tuple[str, ForwardPass]]] = {}
-        for name, forward in step:
-            key = forward.tokens.numpy().tobytes() if not forward.interventions else id(forward).to_bytes(8, "little")
-            groups.setdefault(key, []).append((name, forward))
-        yield from groups.values()
+class CensusInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a census: the unit in progress finished and was kept, like every unit before it."""
+
+    def __init__(self, run_id: str, done: int, total: int):
+        super().__init__(f"interrupted: {done} of {total} units of run {run_id} are done and kept")
+        self.run_id, self.done, self.total = run_id, done, total
+
+
+def run_identity(model, specs: Mapping[str, DetectorSpec], probe_hashes: Mapping[str, str], params_json: Mapping[str, str]) -> str:
+    """A run's id from what determines its results: the model's weights (and dtype), each detector's
+    parameters, probe set, seed and BOS policy, and the versions of the code that computes them."""
+    versions = package_versions()
+    payload = {
+        "model": model.info.fingerprint,
+        "dtype": str(next(model.hf.parameters()).dtype),
+        "device": model.device.type,
+        "detectors": {name: [params_json[name], probe_hashes[name], spec.seed, spec.bos] for name, spec in sorted(specs.items())},
+        "versions": {name: versions.get(name) for name in ("lens-workbench", "torch", "transformers")},
+    }
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return f"{model.name.replace('/', '_')}-{digest[:12]}"
+
+
+class _StopAfterUnit:
+    """While active (main thread only), the first Ctrl-C asks the census to stop after the unit in
+    progress; a second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("lens: stopping after the unit in progress (Ctrl-C again to stop now)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def census(
@@ -128,26 +160,40 @@ def census(
     params: dict[str, dict[str, str]] | None = None,
     bos: str = "auto",
     preset: str = "quick",
-    on_pass: Callable[[int, int], None] | None = None,
+    fresh: bool = False,
+    resume: str | None = None,
+    executor: str = "local",
+    address: str | None = None,
+    workers: int = 2,
+    shard_size: int = 8,
+    on_progress: ProgressCallback | None = None,
     progress: bool | None = None,
 ) -> CensusResult:
     """Run ``detectors`` (default: every registered one) on ``model`` and write their reports into
     ``store`` (default: a new temporary store; ``result.save(path)`` keeps the run).
 
+    The census is a batch of work units (lens/_units.py): shards of ``shard_size`` probes per
+    detector, then each detector's later stages. Each finished unit is kept in the store, so the
+    same call again (same model, detectors, parameters, probes, seed) resumes the run where it
+    stopped, skipping finished units; ``fresh=True`` starts a new run instead, and ``resume=run_id``
+    resumes such a run (its settings must be the same). Ctrl-C stops after
+    the unit in progress (``CensusInterrupted``). ``executor="ray"`` runs units on ``workers`` Ray
+    actors (a local Ray, or the cluster at ``address``).
+
     ``probes`` maps a detector name to its own probe dicts (Python API; it overrides ``probes_file``
-    and the built-in probes for that detector, so detectors with different probe formats can share a
-    census). ``progress`` draws a progress bar (default: in a notebook). ``params`` maps a detector name to ``{parameter: text value}``. ``on_pass(done, total)`` reports
-    progress (total counts every detector's probes). ``bos`` is the BOS policy of every probe text
-    (``Model.tokenize``): ``"auto"`` follows the tokenizer (Gemma 3 adds ``<bos>``, SmolLM2 nothing),
-    ``"always"`` or ``"never"``; the run manifest records it. ``preset`` ("quick" or "full") picks each
-    detector's preset parameters; ``params`` override them. Bad input raises before anything is run.
+    and the built-in probes for that detector). ``params`` maps a detector name to ``{parameter: text
+    value}``; ``preset`` ("quick" or "full") picks each detector's preset parameters, which ``params``
+    override. ``bos`` is the BOS policy of every probe text (``Model.tokenize``): ``"auto"`` follows the
+    tokenizer, ``"always"`` or ``"never"``; the run manifest records it. ``on_progress(done, total,
+    phase)`` reports units; ``progress`` draws a bar (default: in a notebook). Bad input raises before
+    anything is run.
     """
     detectors = list(detector_registry.available()) if detectors is None else list(detectors)
     if store is None:  # a notebook run: keep it with ``result.save(store)``
         store = ReportStore(tempfile.mkdtemp(prefix="lens-store-"))
     store = store if isinstance(store, ReportStore) else ReportStore(store)
-    if on_pass is None and (progress or (progress is None and "ipykernel" in sys.modules)):
-        on_pass = _notebook_progress()
+    if on_progress is None and (progress or (progress is None and "ipykernel" in sys.modules)):
+        on_progress = _notebook_progress()
     store.check_writable()
     params = params or {}
     classes = {name: detector_registry.get(name) for name in detectors}
@@ -158,11 +204,13 @@ def census(
         raise ProbeError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     if bos not in BOS_POLICIES:
         raise ProbeError(f"bos must be one of {', '.join(BOS_POLICIES)}, got {bos!r}")
+    if shard_size < 1:
+        raise ProbeError(f"shard size must be at least 1, got {shard_size}")
+    if executor not in EXECUTORS:
+        raise ProbeError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     torch.manual_seed(seed)
-    instances = {
-        name: cls(model, cls.parse_params({**cls.presets.get(preset, {}), **params.get(name, {})}), seed=seed, bos=bos)
-        for name, cls in classes.items()
-    }
+    specs = {name: DetectorSpec(name, {**cls.presets.get(preset, {}), **params.get(name, {})}, seed, bos) for name, cls in classes.items()}
+    instances = {name: spec.build(model) for name, spec in specs.items()}
     file_probes = read_probe_file(probes_file) if probes_file else None
     probe_sets: dict[str, list[dict]] = {}
     probes = probes or {}
@@ -179,67 +227,138 @@ def census(
         listed = listed[:limit] if limit is not None else listed
         probe_sets[name] = [detector.check_probe(probe, where) for where, probe in listed]
 
-    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    run_id = new_run_id()
-    for detector in instances.values():
-        detector.run_id, detector.store = run_id, store
+    probe_hashes = {name: probe_set_hash(probe_sets[name]) for name in instances}
+    params_json = {name: detector.params.to_json() for name, detector in instances.items()}
+    identity = run_identity(model, specs, probe_hashes, params_json)
+    if resume is not None:
+        if not resume.startswith(identity):
+            raise ProbeError(f"run {resume!r} was made with other settings than this census (its id would be {identity}...)")
+        run_id = resume
+    else:
+        run_id = identity + ("-" + secrets.token_hex(3) if fresh else "")
     result = CensusResult(run_id, model.name, store)
-    total = sum(len(p) for p in probe_sets.values())
-    streams = {name: _passes(instances[name], probe_sets[name]) for name in instances}
-    done_probes = 0
-    for group in _lockstep(streams):
-        forward = group[0][1]
-        capture(model, forward.tokens, [need for _, f in group for need in f.needs], forward.interventions)
-        result.n_forward_passes += 1
-        for _, f in group:
-            f.done()
-        done_probes = sum(instances[name].probes_done for name in instances)
-        if on_pass is not None:
-            on_pass(done_probes, total)
-    if on_pass is not None:
-        on_pass(total, total)
-
-    versions = json.dumps(package_versions(), sort_keys=True)
-    finished = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    all_reports = {name: detector.finish() for name, detector in instances.items()}
-    manifest_rows = []
-    for name, reports in all_reports.items():
-        for report in reports:
-            report.run_id, report.model, report.detector = run_id, model.name, name
-            store.write(report)
-        detector = instances[name]
-        manifest_rows.append(
-            {
-                "model_fingerprint": model.info.fingerprint,
-                "params": detector.params.to_json(),
-                "probe_hash": probe_set_hash(probe_sets[name]),
-                "n_probes": len(probe_sets[name]),
-                "seed": seed,
-                "bos": bos,
-                "bos_token": model.tokenizer.bos_token or "",
-                "bos_added": len(model.tokenize("", bos=bos)) == 1,
-                "versions": versions,
-                "device": str(model.device),
-                "started_at": started,
-                "finished_at": finished,
-                "reports": ",".join(sorted({r.type for r in reports})),
-                "detector": name,
-            }
-        )
-        result.reports[name] = reports
-        result.summary[name] = detector.summary_lines(reports)
-    for row in manifest_rows:
-        frame = pd.DataFrame([{k: v for k, v in row.items() if k != "detector"}])
-        store.write(Report("runs", frame, run_id, model.name, row["detector"]))
+    finished = set(store.runs(run_id=run_id)["detector"]) if "runs" in store.report_types() else set()
+    pending = [name for name in instances if name not in finished]
+    if pending:
+        job = _Job(model, store, run_id, {name: specs[name] for name in pending}, probe_sets, shard_size, on_progress, result)
+        job.run(executor, address, workers, manifest=lambda name: {
+            "model_fingerprint": model.info.fingerprint,
+            "params": params_json[name],
+            "probe_hash": probe_hashes[name],
+            "n_probes": len(probe_sets[name]),
+            "seed": seed,
+            "bos": bos,
+            "bos_token": model.tokenizer.bos_token or "",
+            "bos_added": len(model.tokenize("", bos=bos)) == 1,
+            "device": str(model.device),
+        })
+    for name in instances:
+        result.reports[name] = _stored_reports(store, run_id, name)
+        result.summary[name] = instances[name].summary_lines(result.reports[name])
     return result
 
 
-def _notebook_progress() -> Callable[[int, int], None]:
+class _Job:
+    """The units of one run still to do, run in three phases: every probe shard (map), each
+    detector's later stages, then each detector's reduce into its reports and manifest row."""
+
+    def __init__(self, model, store: ReportStore, run_id: str, specs: Mapping[str, DetectorSpec], probe_sets, shard_size: int,
+                 on_progress: ProgressCallback | None, result: CensusResult):
+        self.model, self.store, self.run_id, self.specs, self.result = model, store, run_id, specs, result
+        self.checkpoints = Checkpoints(store, run_id)
+        self.units = {name: map_units(name, probe_sets[name], shard_size) for name in specs}
+        self.report = on_progress or (lambda done, total, phase: None)
+        # Map units, then a reduce per detector; stages join the total once the merged state names them.
+        self.total = sum(map(len, self.units.values())) + len(specs)
+        self.done = 0
+        self.stop = None
+
+    def _finished(self, phase: str) -> None:
+        self.done += 1
+        self.result.units_run += 1
+        self.report(self.done, self.total, phase)
+        if self.stop.requested:
+            raise CensusInterrupted(self.run_id, self.done, self.total)
+
+    def run(self, executor: str, address: str | None, workers: int, manifest) -> None:
+        checkpoints = self.checkpoints
+        with checkpoints.locked(), _StopAfterUnit() as self.stop:
+            plan = checkpoints.read_plan() or {
+                "model": self.model.name, "detectors": list(self.specs), "map_units": sum(map(len, self.units.values())),
+                "command": " ".join(["lens", *sys.argv[1:]]) if sys.argv and Path(sys.argv[0]).name == "lens" else "",
+                "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            }
+            checkpoints.write_plan(plan)
+            todo = [unit for units in self.units.values() for unit in units if not checkpoints.done(unit)]
+            self.done = self.result.resumed_units = self.total - len(self.specs) - len(todo)
+            runner = make_executor(executor, self.model, address=address, workers=workers)
+            try:
+                self.report(self.done, self.total, "probes")
+                for unit, (state, n_passes) in runner.map(todo, self.specs):
+                    checkpoints.save(unit, state)
+                    self.result.n_forward_passes += n_passes
+                    self._finished(f"{unit.detector} {unit.name}")
+                reducers = self._stages(runner)
+            finally:
+                runner.close()
+            versions = json.dumps(package_versions(), sort_keys=True)
+            for name, reducer in reducers.items():
+                reducer.run_id, reducer.store = self.run_id, self.store
+                self.report(self.done, self.total, f"{name} reduce")
+                reports = reducer.finish()
+                row = {**manifest(name), "versions": versions, "started_at": plan["created_at"],
+                       "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "reports": ",".join(sorted({r.type for r in reports}))}
+                _write_detector(self.store, self.model, self.run_id, name, reports, row)
+                self._finished(f"{name} reduce")
+        checkpoints.clear()
+
+    def _stages(self, runner) -> dict[str, object]:
+        """Each detector merged from its map units, with its later stages done (resumed or run)."""
+        checkpoints = self.checkpoints
+        states = {name: [checkpoints.load(unit) for unit in units] for name, units in self.units.items()}
+        reducers = {name: reduce_detector(self.model, self.specs[name], states[name]) for name in self.specs}
+        chains = {}
+        for name, reducer in reducers.items():
+            stage_units = {stage: Unit(name, "stage", stage) for stage in reducer.stages()}
+            earlier = {stage: checkpoints.load(unit) for stage, unit in stage_units.items() if checkpoints.done(unit)}
+            reducer.stage_results.update(earlier)
+            self.total += len(stage_units)
+            self.done += len(earlier)
+            self.result.resumed_units += len(earlier)
+            pending = [stage for stage in stage_units if stage not in earlier]
+            if pending:
+                chains[name] = (self.specs[name], states[name], earlier, pending)
+        self.report(self.done, self.total, "stages")
+        for name, stage, output in runner.stages(chains):
+            checkpoints.save(Unit(name, "stage", stage), output)
+            reducers[name].stage_results[stage] = output
+            self._finished(f"{name} {stage}")
+        return reducers
+
+
+def _write_detector(store: ReportStore, model, run_id: str, name: str, reports: list[Report], manifest: dict) -> None:
+    """A detector's reports, then its manifest row, each under a name fixed by (run, detector): a
+    census that dies between them and resumes rewrites the same files instead of adding rows."""
+    for report in reports:
+        report.run_id, report.model, report.detector = run_id, model.name, name
+        store.write(report, part=name)
+    store.write(Report("runs", pd.DataFrame([manifest]), run_id, model.name, name), part=name)
+
+
+def _stored_reports(store: ReportStore, run_id: str, name: str) -> list[Report]:
+    runs = store.runs(run_id=run_id, detector=name)
+    types = [t for t in str(runs["reports"].iloc[0]).split(",") if t] if len(runs) else []
+    return [Report(t, store.read(t, run_id=run_id, detector=name).drop(columns=["run_id", "model", "detector"]), run_id, str(runs["model"].iloc[0]), name)
+            for t in types]
+
+
+def _notebook_progress() -> ProgressCallback:
     from tqdm.auto import tqdm
 
-    bar = tqdm(desc="census", unit="probe")
+    bar = tqdm(desc="census", unit="unit")
 
-    def update(done: int, total: int) -> None:
+    def update(done: int, total: int, phase: str) -> None:
+        bar.set_description(f"census: {phase}")
         bar.total = total
         bar.n = done
         bar.refresh()
@@ -247,10 +366,3 @@ def _notebook_progress() -> Callable[[int, int], None]:
             bar.close()
 
     return update
-
-
-def _passes(detector: Detector, probes: list[dict]) -> Iterator[ForwardPass]:
-    detector.probes_done = 0
-    for index, probe in enumerate(probes):
-        yield from detector.passes(probe, index)
-        detector.probes_done += 1

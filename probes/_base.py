@@ -13,6 +13,7 @@ import json
 import math
 import random
 import typing
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -194,6 +195,11 @@ class Detector:
     color: ClassVar[str] = NEUTRAL
     overview_labels: ClassVar[tuple[OverviewLabel, ...]] = ()
     overview_scores: ClassVar[tuple[OverviewScore, ...]] = ()
+    # Work units (the census engine, lens/_units.py): the instance attributes that ``passes`` fills.
+    # Each probe runs in a fresh instance; the census merges their values in probe order (lists are
+    # concatenated, dicts merged key by key, numbers and Counters added, None gives way to a value),
+    # so a detector never needs to know how its probes were sharded or where they ran.
+    accumulates: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model, params: Params | None = None, *, seed: int = 0, bos: str = "auto"):
         self.model = model
@@ -206,6 +212,9 @@ class Detector:
         # Set by the census before the first pass: files a detector saves go into the store, named by run.
         self.run_id = ""
         self.store = None
+        # Results of the later stages (``stages()``), by name: computed by the census as their own
+        # units, or on first use by ``stage(name)``.
+        self.stage_results: dict[str, Any] = {}
 
     @classmethod
     def parse_params(cls, assignments: Mapping[str, str]) -> Params:
@@ -275,12 +284,56 @@ class Detector:
     def finish(self) -> list[Report]:
         raise NotImplementedError
 
+    # -- work units -----------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """What ``passes`` accumulated (the ``accumulates`` attributes): one map unit's output."""
+        return {name: getattr(self, name) for name in self.accumulates}
+
+    def absorb(self, state: Mapping[str, Any]) -> None:
+        """Merge another instance's ``state()`` (of later probes) into this one."""
+        for name in self.accumulates:
+            setattr(self, name, merge_values(getattr(self, name), state[name]))
+
+    def stages(self) -> list[str]:
+        """Names of the expensive steps that run after every probe, on the merged state (a masking
+        test, training, a patching sweep), in order; each is a unit of its own, kept once done."""
+        return []
+
+    def run_stage(self, name: str) -> Any:
+        """Compute stage ``name`` from the merged state (and earlier stages); the result must pickle."""
+        raise KeyError(f"detector {self.name!r} has no stage {name!r}")
+
+    def stage(self, name: str) -> Any:
+        """The result of stage ``name``: the census's, or computed now (e.g. when ``finish`` is called
+        directly from Python)."""
+        if name not in self.stage_results:
+            self.stage_results[name] = self.run_stage(name)
+        return self.stage_results[name]
+
     def summary_lines(self, reports: list[Report]) -> list[str]:
         """One-line headline claims for the CLI's closing table: estimate [interval], n and p."""
         summary = [r for r in reports if r.type == "summary"]
         if not summary:
             return []
         return [format_claim(row) for row in summary[0].frame.itertuples()]
+
+
+def merge_values(first: Any, later: Any) -> Any:
+    """Merge two accumulated values of one attribute, ``later`` from probes after ``first``'s."""
+    if first is None:
+        return later
+    if later is None:
+        return first
+    if isinstance(first, Counter):
+        return first + later
+    if isinstance(first, list):
+        return first + later
+    if isinstance(first, dict):
+        return {key: merge_values(first.get(key), later.get(key)) for key in dict.fromkeys([*first, *later])}
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        return first + later
+    # Anything else (a frame, a one-off excerpt) is kept from the first probe that made it.
+    return first
 
 
 def format_claim(row) -> str:

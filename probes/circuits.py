@@ -450,6 +450,7 @@ class Circuits(Detector):
     overview_labels = (OverviewLabel("in-circuit", "circuit_heads", "in_circuit", "star", (0.0, 0.0), rows=PATCHING_ROWS),)
     overview_scores = (OverviewScore("circuit_importance", "circuit_heads", "importance", largest_over="task", rows=PATCHING_ROWS),)
     presets = {"full": {"pairs_per_task": "64", "path_stages": "3"}}  # the research run: every declared stage
+    accumulates = ("_pairs",)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -752,8 +753,15 @@ class Circuits(Detector):
             size, faithful_size, path_faithfulness, resamples, repair_accuracy,
         )
 
+    def stages(self) -> list[str]:
+        return [f"task:{task}" for task in self._pairs]  # each task's patching sweeps, a unit each
+
+    def run_stage(self, name: str):
+        task = name.removeprefix("task:")
+        return self._analyse(task, self._pairs[task]) if task in self._pairs else super().run_stage(name)
+
     def finish(self) -> list[Report]:
-        results = [self._analyse(task, pairs) for task, pairs in self._pairs.items()]
+        results = [self.stage(f"task:{task}") for task in self._pairs]
         heads = self._heads_frame(results)
         faithfulness = _frame(
             CIRCUIT_FAITHFULNESS,

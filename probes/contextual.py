@@ -360,6 +360,7 @@ class Contextual(Detector):
     overview_labels = (OverviewLabel("contextual", "contextual", "rank", "diamond", (0.22, -0.2), top=OVERVIEW_TOP),)
     overview_scores = (OverviewScore("contextual_score", "contextual", "contextual_score"),)
     presets = {"full": {"n_questions": "0", "gold_positions": "all"}}  # every question at every position
+    accumulates = ("answered", "_n_empty")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -507,9 +508,17 @@ class Contextual(Detector):
         positions = list(range(len(prompt_tokens), len(tokens)))
         yield ForwardPass(tokens, [AttentionRows(accumulate, positions=positions)], done=done)
 
+    def stages(self) -> list[str]:
+        return ["focus"]
+
+    def run_stage(self, name: str):
+        return self._focus() if name == "focus" else super().run_stage(name)
+
     def finish(self) -> list[Report]:
         contextual, claims = self._contextual_report()
-        effect, training, focus_claims = self._focus()
+        effect, training, focus_claims, focus = self.stage("focus")
+        if focus is not None:  # saved here, not in the stage: a stage may run where the store is not
+            effect = effect.assign(path=self._save(focus))
         if self._n_empty:
             claims.append(Claim.count("contextual.probes_with_empty_answer", self._n_empty, "probes", "probes skipped: the model answered nothing"))
         return [Report("contextual", contextual), Report("focus_effect", effect), Report("contextual_training", training), summary_report(claims + focus_claims)]
@@ -556,7 +565,7 @@ class Contextual(Detector):
         return frame, claims
 
     # -- focus directions -----------------------------------------------------------------------
-    def _focus(self) -> tuple[pd.DataFrame, pd.DataFrame, list[Claim]]:
+    def _focus(self) -> tuple[pd.DataFrame, pd.DataFrame, list[Claim], FocusDirections | None]:
         given = {a.question: a.split for a in self.answered if a.split is not None}
         splits = assign_splits([a.question for a in self.answered], given, self.seed)
         by_split = {name: [a for a in self.answered if splits[a.question] == name] for name in SPLITS}
@@ -565,7 +574,7 @@ class Contextual(Detector):
         if not all(by_split.values()):
             counts = ", ".join(f"{len(v)} {k}" for k, v in by_split.items())
             return *empty, [Claim.count("contextual.focus_skipped", 1, "runs",
-                                        f"focus directions need training, validation and held-out questions; got {counts} probes")]
+                                        f"focus directions need training, validation and held-out questions; got {counts} probes")], None
         p = self.params
         train, validation, test = by_split["train"], by_split["validation"], by_split["test"]
         train_scores = torch.stack([a.mass[0] for a in train]).mean(0)
@@ -576,7 +585,6 @@ class Contextual(Detector):
             learning_rate=p.learning_rate, max_epochs=p.max_epochs, patience=p.patience, generator=self.generator,
         )
         focus = FocusDirections(heads, vectors.to(self.model.device))
-        path = self._save(focus)
         training = pd.DataFrame([vars(e) for e in curve]).assign(kept=lambda f: f["epoch"] == kept, n_train=len(train), n_validation=len(validation))
 
         base_mass = np.array([heads_mean(a.mass[0], heads).item() for a in test])
@@ -584,8 +592,8 @@ class Contextual(Detector):
         results = {0.0: (base_mass, base_correct)}
         for scale in self.scales:
             results[scale] = heldout_effect(self.model, test, focus, scale, max_new_tokens=p.max_new_tokens)
-        effect = self._effect_frame(test, results).assign(top_k=len(heads), path=path)
-        return effect, training, self._focus_claims(results, len(heads), len(curve) - 1, kept)
+        effect = self._effect_frame(test, results).assign(top_k=len(heads), path="")
+        return effect, training, self._focus_claims(results, len(heads), len(curve) - 1, kept), focus
 
     def _frozen_rows(self, example: Answered, heads: list[tuple[int, int]]) -> FrozenRows:
         """The unmodified model's attention rows and keys for the heads, over the prompt followed by

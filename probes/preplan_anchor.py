@@ -184,6 +184,7 @@ class PreplanAnchor(Detector):
     )
     overview_scores = (OverviewScore("mean_distance", "head_locality", "mean_distance", rows=ALL_ATTENTION),)
     presets = {"full": {"n_probes": "26"}}  # every problem template once
+    accumulates = ("traces", "excerpt", "n_skipped")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -257,7 +258,7 @@ class PreplanAnchor(Detector):
         trace = Trace(str(probe.get("id", f"probe-{index + 1}")), source, start, self.model.token_strings(tokens[start:]), sinks.tolist())
         needs, finalize = self._reductions(trace, response, sinks)
         yield ForwardPass(tokens, needs, done=lambda: (finalize(), self.traces.append(trace)))
-        if self.excerpt is None:
+        if index == 0:  # the excerpt view shows the first probe
             yield self._excerpt_pass(trace, tokens)
 
     def _reductions(self, trace: Trace, response: list[int], sinks: Tensor):

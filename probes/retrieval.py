@@ -345,6 +345,7 @@ class Retrieval(Detector):
     color = OKABE_ITO["blue"]
     overview_labels = (OverviewLabel("retrieval", "retrieval", "is_retrieval", "square", (0.22, 0.2)),)
     overview_scores = (OverviewScore("retrieval_score", "retrieval", "retrieval_score"),)
+    accumulates = ("trials",)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -439,14 +440,25 @@ class Retrieval(Detector):
 
         yield ForwardPass(generation.tokens, [AttentionRows(consume, positions=rows)], done=done)
 
+    def _credits(self) -> tuple[Tensor, Tensor]:
+        """Every trial's per-head credit, and which trials count (the model recalled the needle)."""
+        info = self.model.info
+        if not self.trials:
+            return torch.zeros(0, info.n_layers, info.n_heads, dtype=torch.float64), torch.zeros(0, dtype=torch.bool)
+        credits = torch.stack([t.credit for t in self.trials])
+        return credits, torch.tensor([t.recall > self.params.recall_threshold for t in self.trials])
+
+    def stages(self) -> list[str]:
+        return ["masking"]
+
+    def run_stage(self, name: str):
+        if name != "masking":
+            return super().run_stage(name)
+        return self.masking_test(retrieval_scores(*self._credits()))
+
     def finish(self) -> list[Report]:
         info, params = self.model.info, self.params
-        if self.trials:
-            credits = torch.stack([t.credit for t in self.trials])
-            counted = torch.tensor([t.recall > params.recall_threshold for t in self.trials])
-        else:
-            credits = torch.zeros(0, info.n_layers, info.n_heads, dtype=torch.float64)
-            counted = torch.zeros(0, dtype=torch.bool)
+        credits, counted = self._credits()
         scores = retrieval_scores(credits, counted)
         low, high, interval_method = column_mean_intervals(credits[counted].flatten(1).numpy(), seed=self.seed)
         heads = [(layer, head) for layer in range(info.n_layers) for head in range(info.n_heads)]
@@ -466,7 +478,7 @@ class Retrieval(Detector):
                 "n_counted": int(counted.sum()),
             }
         )
-        ablation, masking, masking_claims, masked = self.masking_test(scores)
+        ablation, masking, masking_claims, masked = self.stage("masking")
         return [
             Report("retrieval", scores_frame),
             Report("retrieval_trials", self._trials_frame(masked)),

@@ -236,6 +236,7 @@ class Sinks(Detector):
     overview_labels = (OverviewLabel("sink", "sinks", "is_sink", "circle", (-0.22, 0.2)),)
     overview_scores = (OverviewScore("sink_score", "sinks", "sink_score"),)
     presets = {"full": {"probe_set": "full"}}
+    accumulates = ("_probe_ids", "_first_importance", "_prefix_mass", "_first_tokens", "_rows")
 
     # Python API (``calibrate_sinks``): the calibration metric, and the heads allowed to be calibrated
     # (None: every head with a non-first sink on the probe).
