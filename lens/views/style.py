@@ -126,25 +126,30 @@ def paper_styled(fig: go.Figure, *, width: str | None = None) -> go.Figure:
     layout_width = fig.layout.width or SINGLE_COLUMN_IN * PX_PER_IN
     layout_height = fig.layout.height or layout_width * 0.62
     new_width = PAPER_WIDTHS_IN[column] * PX_PER_IN
+    paper = go.Figure(fig)
     spec = fig.to_dict()
     spec["layout"].pop("template", None)
-    _set_fonts(spec["data"])
-    _set_fonts(spec["layout"])
-    if isinstance(spec["layout"].get("title"), dict) and "font" in spec["layout"]["title"]:
-        spec["layout"]["title"]["font"]["size"] = pt_to_px(PAPER_TITLE_PT)
-    paper = go.Figure(spec)
+    for path in _font_paths(spec, ()):
+        font = paper
+        for key in path:
+            font = font[key]
+        font.update(family=PAPER_FONT_FAMILY, size=pt_to_px(PAPER_FONT_PT))
+    if paper.layout.title.font.size is not None:
+        paper.layout.title.font.size = pt_to_px(PAPER_TITLE_PT)
     paper.update_layout(template="lens_paper", width=round(new_width), height=round(layout_height * new_width / layout_width))
     return paper
 
 
-def _set_fonts(node) -> None:
-    """Every font a figure spells out (``font``, ``tickfont``, ``textfont``...) in the paper face and size."""
+def _font_paths(node, path: tuple) -> list[tuple]:
+    """Where a figure's dict spells out a font (``font``, ``tickfont``, ``textfont``...), as keys from the top."""
+    found = []
     if isinstance(node, list):
-        for item in node:
-            _set_fonts(item)
+        for index, item in enumerate(node):
+            found += _font_paths(item, (*path, index))
     elif isinstance(node, dict):
         for key, value in node.items():
             if key.endswith("font") and isinstance(value, dict):
-                value.update(family=PAPER_FONT_FAMILY, size=pt_to_px(PAPER_FONT_PT))
+                found.append((*path, key))
             else:
-                _set_fonts(value)
+                found += _font_paths(value, (*path, key))
+    return found
