@@ -28,7 +28,7 @@ def span_keys(n_keys: int, spans: Sequence[tuple[int, int]]) -> Bool[Tensor, " k
     return keys
 
 
-def set_mass(probs: Float[Tensor, "*batch head row key"], keys: Bool[Tensor, " key"]) -> Float[Tensor, "*batch head row"]:
+def set_mass(probs: Float[Tensor, "*batch head row key"], keys: Bool[Tensor, " seq"]) -> Float[Tensor, "*batch head row"]:
     """Attention mass of every row on the keys in ``keys`` (keys past ``probs``'s last one get none)."""
     present = keys[: probs.shape[-1]].to(device=probs.device, dtype=probs.dtype)
     return probs[..., : present.shape[0]] @ present

@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float, Int, Real
 from torch import Tensor
 
 
@@ -132,12 +132,12 @@ def ratio_of_sums(numerator: Float[np.ndarray, "*resample unit"], denominator: F
 
 
 def pooled_lift(
-    both: Float[np.ndarray, "*resample unit"],
-    condition: Float[np.ndarray, "*resample unit"],
-    event: Float[np.ndarray, "*resample unit"],
-    total: Float[np.ndarray, "*resample unit"],
+    both: Real[np.ndarray, "*resample unit"],
+    condition: Real[np.ndarray, "*resample unit"],
+    event: Real[np.ndarray, "*resample unit"],
+    total: Real[np.ndarray, "*resample unit"],
     axis: int = -1,
-) -> Float[np.ndarray, "*resample"]:
+) -> Float[np.ndarray, "*resample"] | float:
     """``lift`` from per-unit counts (event and condition, condition, event, tokens), pooled over units:
     (sum both / sum condition) / (sum event / sum total)."""
     return (both.sum(axis=axis) / condition.sum(axis=axis)) / (event.sum(axis=axis) / total.sum(axis=axis))

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from jaxtyping import Float
+from jaxtyping import Float, Real
 from scipy import stats
 
 CONFIDENCE = 0.95
@@ -44,13 +45,18 @@ class Contrast(Interval):
     p_value: float = math.nan
 
 
+# Per-unit values as the interval functions take them: a real array of any dtype (counts too), or a
+# plain sequence (possibly empty); they convert to float64 themselves.
+UnitValues = Real[np.ndarray, " unit"] | Sequence[float]
+
+
 def _as_units(values) -> np.ndarray:
     array = np.asarray(values, dtype=np.float64).reshape(-1)
     return array[~np.isnan(array)]
 
 
 def mean_interval(
-    values: Float[np.ndarray, " unit"],
+    values: UnitValues,
     *,
     seed: int = 0,
     confidence: float = CONFIDENCE,
@@ -75,8 +81,8 @@ def mean_interval(
 
 
 def paired_difference(
-    treated: Float[np.ndarray, " unit"],
-    control: Float[np.ndarray, " unit"],
+    treated: UnitValues,
+    control: UnitValues,
     *,
     seed: int = 0,
     confidence: float = CONFIDENCE,
@@ -117,7 +123,7 @@ def paired_difference(
 
 def cluster_interval(
     statistic,
-    *per_unit: Float[np.ndarray, " unit"],
+    *per_unit: UnitValues,
     seed: int = 0,
     confidence: float = CONFIDENCE,
     n_resamples: int = N_RESAMPLES,

@@ -10,6 +10,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
+# Runtime shape checking of metrics/: every jaxtyping annotation is checked by beartype on every call
+# in the tests, so a wrong shape (or a wrong annotation) fails. Installed before anything imports metrics.
+from jaxtyping import install_import_hook  # noqa: E402
+
+install_import_hook("metrics", "beartype.beartype")
+
 
 @pytest.fixture(scope="session")
 def smollm2():
