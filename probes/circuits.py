@@ -38,10 +38,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from itertools import combinations
+from typing import Annotated, Literal
 
 import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int
+from pydantic import Field
 from torch import Tensor
 
 from lens._capture.interventions import Intervention, ReplaceZ
@@ -158,18 +160,18 @@ RECEIVER_KINDS = {"q": ("q_proj",), "k": ("k_proj",), "v": ("v_proj",), "kv": ("
 
 @dataclass
 class CircuitParams(Params):
-    pairs_per_task: int = 6  # x 4 tasks: the quick census; 64+ for the research run
-    selection: str = "faithfulness"  # or "top_percent" (the paper's rule)
-    faithfulness_target: float = 0.8
-    top_percent: float = 2.0  # the paper's rule, and the per-stage cut of path patching
-    ig_steps: int = 5  # m: EAP-IG interpolation points k/m, k = 0..m-1
-    path_stages: int = 2  # path-patching stages run per task, from the logits back (0: off; IOI declares 3)
-    null_draws: int = 10_000  # layer-stratified permutation null
-    bootstrap: int = 1000  # resamples of the prompt pairs for intervals
-    batch_size: int = 270  # single-token forwards per batch
-    tasks: str = ",".join(BUILTIN_TASKS)  # built-in tasks to generate
-    repair_heads: int = 0  # repair: scale this many top positive-importance heads (0: off)
-    repair_scale: float = 2.0
+    pairs_per_task: Annotated[int, Field(ge=1)] = 6  # x 4 tasks: the quick census; 64+ for the research run
+    selection: Literal["faithfulness", "top_percent"] = "faithfulness"  # top_percent: the paper's rule
+    faithfulness_target: Annotated[float, Field(gt=0, le=1)] = 0.8
+    top_percent: Annotated[float, Field(gt=0, le=100)] = 2.0  # the paper's rule, and the per-stage cut of path patching
+    ig_steps: Annotated[int, Field(ge=1)] = 5  # m: EAP-IG interpolation points k/m, k = 0..m-1
+    path_stages: Annotated[int, Field(ge=0)] = 2  # path-patching stages run per task, from the logits back (0: off; IOI declares 3)
+    null_draws: Annotated[int, Field(ge=1)] = 10_000  # layer-stratified permutation null
+    bootstrap: Annotated[int, Field(ge=1)] = 1000  # resamples of the prompt pairs for intervals
+    batch_size: Annotated[int, Field(ge=1)] = 270  # single-token forwards per batch
+    tasks: Annotated[str, Field(min_length=1)] = ",".join(BUILTIN_TASKS)  # built-in tasks to generate
+    repair_heads: Annotated[int, Field(ge=0)] = 0  # repair: scale this many top positive-importance heads (0: off)
+    repair_scale: Annotated[float, Field(ge=0)] = 2.0
 
 
 # -- tasks ------------------------------------------------------------------------------------------

@@ -41,12 +41,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
 import safetensors.torch
 import torch
 from jaxtyping import Bool, Float
+from pydantic import Field
 from torch import Tensor
 
 from lens._capture.interventions import AddToQuery, Intervention
@@ -119,16 +121,17 @@ ANSWER_REQUEST = "Answer in a few words."
 
 @dataclass
 class ContextualParams(Params):
-    n_questions: int = 8  # questions from probes/data/contextual_questions.jsonl; 0: all 48 (the full set)
-    n_documents: int = 8  # documents per prompt (the paper: 20); fewer when the context is short
-    gold_positions: str = "grid"  # "grid": first, quarter points, last (0, 4, 9, 14, 19 at 20); "all": every position
-    n_first_tokens: int = 2  # keys counted as the first tokens (the reference: 0 and 1)
-    max_new_tokens: int = 16
-    top_k: int = 20
-    learning_rate: float = 1e-2  # AdamW; the reference's 1e-3 runs ~10^4 steps, 10 times more than our sets allow
-    max_epochs: int = 200  # cap; training stops earlier when the validation loss stops improving
-    patience: int = 5  # epochs without a lower validation loss before stopping
-    scale_sweep: str = ""  # extra scales to evaluate the trained directions at, e.g. "0.25,0.5,2"
+    n_questions: Annotated[int, Field(ge=0)] = 8  # questions from probes/data/contextual_questions.jsonl; 0: all 48 (the full set)
+    n_documents: Annotated[int, Field(ge=1)] = 8  # documents per prompt (the paper: 20); fewer when the context is short
+    gold_positions: Literal["grid", "all"] = "grid"  # "grid": first, quarter points, last (0, 4, 9, 14, 19 at 20); "all": every position
+    n_first_tokens: Annotated[int, Field(ge=1)] = 2  # keys counted as the first tokens (the reference: 0 and 1)
+    max_new_tokens: Annotated[int, Field(ge=1)] = 16
+    top_k: Annotated[int, Field(ge=1)] = 20
+    learning_rate: Annotated[float, Field(gt=0)] = 1e-2  # AdamW; the reference's 1e-3 runs ~10^4 steps, 10 times more than our sets allow
+    max_epochs: Annotated[int, Field(ge=1)] = 200  # cap; training stops earlier when the validation loss stops improving
+    patience: Annotated[int, Field(ge=1)] = 5  # epochs without a lower validation loss before stopping
+    # Extra scales to evaluate the trained directions at, e.g. "0.25,0.5,2" (comma-separated numbers).
+    scale_sweep: Annotated[str, Field(pattern=r"^\s*([0-9.]+\s*(,\s*[0-9.]+\s*)*)?$")] = ""
 
 
 def gold_grid(n_documents: int, which: str = "grid") -> list[int]:

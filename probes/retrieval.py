@@ -41,11 +41,13 @@ import random
 import re
 from dataclasses import dataclass
 from functools import cache
+from typing import Annotated, Literal
 
 import pandas as pd
 import pydoc_data.topics
 import torch
 from jaxtyping import Int
+from pydantic import Field
 from torch import Tensor
 
 from lens._capture.interventions import Intervention, ZeroQuery, _rows
@@ -170,22 +172,22 @@ CONTROLS = {"random": random_control, "layer_matched": layer_matched_control}
 
 @dataclass
 class RetrievalParams(Params):
-    preset: str = "quick"  # or "full"; the None fields below take the preset's values
-    depths: list[float] | None = None
-    lengths: list[int] | None = None
+    preset: Literal["quick", "full"] = "quick"  # the None fields below take the preset's values
+    depths: list[Annotated[float, Field(ge=0, le=1)]] | None = None
+    lengths: list[Annotated[int, Field(ge=1)]] | None = None
     # Needles per (depth, length) cell; trial i gets needle i (mod 25), so consecutive trials cycle
     # through fact, number, name, code and place needles.
-    needles_per_cell: int | None = None
-    max_new_tokens: int = 50
-    threshold: float = RETRIEVAL_THRESHOLD
-    recall_threshold: float = RECALL_THRESHOLD
-    scoring: str = "teacher_forced"  # or "decode"
+    needles_per_cell: Annotated[int, Field(ge=1)] | None = None
+    max_new_tokens: Annotated[int, Field(ge=1)] = 50
+    threshold: Annotated[float, Field(ge=0, le=1)] = RETRIEVAL_THRESHOLD
+    recall_threshold: Annotated[float, Field(ge=0, le=1)] = RECALL_THRESHOLD
+    scoring: Literal["teacher_forced", "decode"] = "teacher_forced"
     # The causal test re-decodes ablation_trials trials (drawn from the correct ones; 0 skips the test)
     # once per masked condition: 1 + 2 x ablation_draws answers per K and trial.
-    ablation_ks: list[int] | None = None
-    ablation_draws: int = 10
-    ablation_trials: int | None = None
-    mask: str = "query"  # or "output"
+    ablation_ks: list[Annotated[int, Field(ge=1)]] | None = None
+    ablation_draws: Annotated[int, Field(ge=1)] = 10
+    ablation_trials: Annotated[int, Field(ge=0)] | None = None
+    mask: Literal["query", "output"] = "query"
     mask_prompt: bool = False
 
     def resolved(self) -> RetrievalParams:

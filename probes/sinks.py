@@ -28,11 +28,13 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
+from pydantic import Field
 from torch import Tensor
 
 from lens._capture.interventions import ScaleSinks
@@ -159,7 +161,6 @@ SINK_CALIBRATION = ReportSchema(
 )
 
 
-PROBE_SETS = ("quick", "full")
 QUICK_PER_KIND = 1
 
 
@@ -167,34 +168,26 @@ QUICK_PER_KIND = 1
 class SinkParams(Params):
     # Built-in probes: "quick" (the census default: the first QUICK_PER_KIND texts of each kind) or
     # "full" (every text of probes/data/sinks.jsonl).
-    probe_set: str = "quick"
+    probe_set: Literal["quick", "full"] = "quick"
     # Tokens read per probe: 0 reads each whole probe; 64 is Gu et al.'s protocol (the first 64 tokens
     # of each probe, which must have at least that many).
-    n_tokens: int = 0
-    eps: float = 0.3
-    n_prefix: int = 4
-    tau: float = 0.1
-    min_queries: int = 8
-    cos_threshold: float = 0.9
+    n_tokens: Annotated[int, Field(ge=0)] = 0
+    eps: Annotated[float, Field(gt=0, lt=1)] = 0.3  # a share of attention
+    n_prefix: Annotated[int, Field(ge=1)] = 4
+    tau: Annotated[float, Field(gt=0, lt=1)] = 0.1  # a share of attention
+    min_queries: Annotated[int, Field(ge=1)] = 8
+    cos_threshold: Annotated[float, Field(ge=0, lt=1)] = 0.9  # compared with |cos|
     # Active layers of the first-token sink: "ratio" (its norm > norm_ratio x the median position norm,
     # every stretch) or "jump" (the reference code's single window between the largest rise and fall).
-    active_rule: str = "ratio"
-    norm_ratio: float = 2.0
-    noise_fraction: float = 0.1
-    primary_fraction: float = 0.625
-    top_k: int = 3
-    massive_value: float = 100.0
-    massive_ratio: float = 1000.0
-    beta: float = 0.4
+    active_rule: Literal["ratio", "jump"] = "ratio"
+    norm_ratio: Annotated[float, Field(gt=1)] = 2.0
+    noise_fraction: Annotated[float, Field(ge=0, le=1)] = 0.1  # fractions of the layers
+    primary_fraction: Annotated[float, Field(ge=0, le=1)] = 0.625
+    top_k: Annotated[int, Field(ge=1)] = 3
+    massive_value: Annotated[float, Field(gt=0)] = 100.0
+    massive_ratio: Annotated[float, Field(gt=1)] = 1000.0
+    beta: Annotated[float, Field(ge=0)] = 0.4  # scale of the attention to non-first sinks
     calibrate: bool = True
-
-    def __post_init__(self):
-        if self.probe_set not in PROBE_SETS:
-            raise ProbeError(f"parameter sinks.probe_set: expected 'quick' or 'full', got {self.probe_set!r}")
-        if self.n_tokens < 0:
-            raise ProbeError(f"parameter sinks.n_tokens: expected 0 (whole probes) or a positive count, got {self.n_tokens}")
-        if self.active_rule not in ("ratio", "jump"):
-            raise ProbeError(f"parameter sinks.active_rule: expected 'ratio' or 'jump', got {self.active_rule!r}")
 
 
 def layer_ranges(layers: Iterable[int]) -> str:
