@@ -126,7 +126,9 @@ def preceded_at(marks: Bool[Tensor, " token"], offset: int) -> Bool[Tensor, " to
     return result
 
 
-def ratio_of_sums(numerator: Float[np.ndarray, "*resample unit"], denominator: Float[np.ndarray, "*resample unit"], axis: int = -1) -> Float[np.ndarray, "*resample"]:
+def ratio_of_sums(
+    numerator: Real[np.ndarray, "*resample unit"], denominator: Real[np.ndarray, "*resample unit"], axis: int = -1
+) -> Float[np.ndarray, "*resample"] | float:  # a float when there is no resample axis
     """sum(numerator) / sum(denominator) over units: a share pooled over probes."""
     return numerator.sum(axis=axis) / denominator.sum(axis=axis)
 
@@ -137,7 +139,7 @@ def pooled_lift(
     event: Real[np.ndarray, "*resample unit"],
     total: Real[np.ndarray, "*resample unit"],
     axis: int = -1,
-) -> Float[np.ndarray, "*resample"] | float:
+) -> Float[np.ndarray, "*resample"] | float:  # a float when there is no resample axis
     """``lift`` from per-unit counts (event and condition, condition, event, tokens), pooled over units:
     (sum both / sum condition) / (sum event / sum total)."""
     return (both.sum(axis=axis) / condition.sum(axis=axis)) / (event.sum(axis=axis) / total.sum(axis=axis))
