@@ -64,8 +64,8 @@ class StoreError(OSError):
 # A compacted file is named compact-<uuid>.parquet; its footer lists the files of its directory it replaces.
 COMPACT_PREFIX = "compact-"
 REPLACES_KEY = b"lens.replaces"
-# Listings and reads that race with compactions start again; a compaction of a partition runs at most
-# once at a time, so a few tries suffice unless compactions run back to back on the same partition.
+# Listings and reads that race with a compaction start again; compactions run one at a time, so a few
+# tries suffice unless they run back to back on the same partition.
 _RETRIES = 8
 
 
@@ -151,15 +151,15 @@ class ReportStore:
         )
 
     def check_writable(self) -> None:
-        """Fail early, with one line, when the store cannot be written."""
-        try:
-            tmp = self.path / ".tmp"
-            tmp.mkdir(parents=True, exist_ok=True)
-            probe = tmp / f"probe-{uuid.uuid4().hex}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as error:
-            raise StoreError(f"store {self.path} is not writable: {error.strerror or error}") from None
+        """Fail early, with one line, when the store cannot be written. Creates nothing, so input found
+        bad after this check leaves no trace (the first write creates the store)."""
+        existing = self.path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise StoreError(f"store {self.path} is not writable: {existing} is not a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise StoreError(f"store {self.path} is not writable: permission denied on {existing}")
 
     def write(self, report: Report, *, part: str | None = None) -> Path:
         """Validate ``report`` against its schema and write it as one new Parquet file, atomically.
@@ -190,6 +190,7 @@ class ReportStore:
         killed outright leaves at most a file in ``.tmp``."""
         tmp = self.path / ".tmp" / f"{uuid.uuid4().hex}-{final.name}"
         try:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
             fill(tmp)
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -225,17 +226,16 @@ class ReportStore:
         drops those a compacted file replaces, and lists again (or reads again, should a file vanish
         under it) when a compaction moved meanwhile, so at every moment, a compaction killed at any
         point included, a read returns each row exactly once; compacting again finishes the removal.
-        Parts written after the merge began are not replaced and stay. Compactions of one partition
-        are serialised by a lock file in ``<store>/.tmp``."""
+        Parts written after the merge began are not replaced and stay. Compactions of a store run one
+        at a time (a lock file in ``<store>/.tmp``)."""
         if self.read("runs", columns=["run_id"], run_id=run_id).empty:
             raise StoreError(f"store {self.path} has no finished run {run_id!r} (see `lens runs`)")
         self.check_writable()
         merged = 0
-        for report_type in self.report_types():
-            schema = schema_for(report_type)
-            for folder in sorted((self.path / report_type).glob(f"model=*/run_id={_partition_value(run_id)}")):
-                with self._lock(f"compact-{report_type}-{folder.parent.name}-{folder.name}"):
-                    merged += self._compact_partition(folder, schema)
+        with self._lock("compact"):
+            for report_type in self.report_types():
+                for folder in sorted((self.path / report_type).glob(f"model=*/run_id={_partition_value(run_id)}")):
+                    merged += self._compact_partition(folder, schema_for(report_type))
         return merged
 
     def _compact_partition(self, folder: Path, schema: ReportSchema) -> int:
@@ -259,6 +259,7 @@ class ReportStore:
     @contextlib.contextmanager
     def _lock(self, name: str):
         """An exclusive lock (flock: released when the process ends, however it ends)."""
+        (self.path / ".tmp").mkdir(exist_ok=True)
         with open(self.path / ".tmp" / f"{name}.lock", "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
