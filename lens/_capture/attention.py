@@ -21,6 +21,7 @@ the window by position.
 from __future__ import annotations
 
 import torch
+from einops import rearrange, repeat
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
@@ -58,12 +59,12 @@ def sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *
     kernel refuses float32 and grouped-query SDPA falls back to the math kernel, which keeps every
     head's [query, key] weights for the backward pass (72 GB at 8192 tokens on SmolLM2). With the KV
     heads repeated and no GQA flag, the memory-efficient kernel runs instead."""
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     n_groups = query.shape[1] // key.shape[1]
     if not (query.is_cuda and query.dtype == torch.float32 and n_groups > 1):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    key, value = repeat_kv(key, n_groups), repeat_kv(value, n_groups)
+    key, value = (repeat(tensor, "b kv s d -> b (kv g) s d", g=n_groups) for tensor in (key, value))
     mask = None if attention_mask is None else attention_mask[:, :, :, : key.shape[-2]]
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=scaling,
@@ -94,11 +95,11 @@ def attention_scores(
     softcap: float | None = None,
 ) -> Float[Tensor, "batch head row key"]:
     """Scaled query-key scores in float32, grouped-query aware without repeating keys."""
-    batch, n_heads, n_rows, d_head = query_rows.shape
-    n_kv = key.shape[1]
+    n_rows, n_kv = query_rows.shape[2], key.shape[1]
+    # Query head h reads KV head h // group: the group's rows share one matmul with their KV head.
     # Scaling the few query rows rather than the many scores saves a pass over the block.
-    grouped = (query_rows.float() * scaling).reshape(batch, n_kv, (n_heads // n_kv) * n_rows, d_head)
-    scores = torch.matmul(grouped, key.float().transpose(-1, -2)).view(batch, n_heads, n_rows, -1)
+    grouped = rearrange(query_rows.float() * scaling, "b (kv g) r d -> b kv (g r) d", kv=n_kv)
+    scores = rearrange(torch.matmul(grouped, key.float().transpose(-1, -2)), "b kv (g r) s -> b (kv g) r s", r=n_rows)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     return scores
@@ -184,8 +185,9 @@ def session_attention(session: CaptureSession | None, module, query, key, value,
         for consumer in consumers:
             consumer.offer(layer, [offset + row for row in block_rows], probs)
         if out is not None:
-            grouped = probs.reshape(batch, n_kv, -1, n_keys).to(value.dtype)
-            out[:, :, block_rows[0] : block_rows[-1] + 1] = torch.matmul(grouped, value[:, :, :n_keys]).view(batch, n_heads, len(block_rows), -1)
+            grouped = rearrange(probs, "b (kv g) r s -> b kv (g r) s", kv=n_kv).to(value.dtype)
+            block_out = torch.matmul(grouped, value[:, :, :n_keys])
+            out[:, :, block_rows[0] : block_rows[-1] + 1] = rearrange(block_out, "b kv (g r) d -> b (kv g) r d", r=len(block_rows))
 
     if out is None:
         attn_output, _ = sdpa(module, query, key, value, attention_mask, scaling=scaling)
