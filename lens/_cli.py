@@ -96,6 +96,9 @@ def _cmd_census(args) -> int:
     from probes import parse_param_flags
 
     params = parse_param_flags(args.param)
+    for name, assignments in params.items():
+        probes.get(name).parse_params(assignments)  # wrong names, types and ranges: fail before loading the model
+    _check_device(args.device)
     lens.ReportStore(args.store).check_writable()
     started = time.perf_counter()
     with console.status(f"loading {args.model or lens.DEFAULT_MODEL}"):
@@ -165,6 +168,20 @@ def _cmd_census(args) -> int:
 def argv_is_cli() -> bool:
     """Whether sys.argv is this command line (not a test calling ``main([...])``)."""
     return bool(sys.argv) and Path(sys.argv[0]).name in ("lens", "__main__.py")
+
+
+def _check_device(device: str) -> None:
+    """``--device`` is cpu, cuda or cuda:N, and a CUDA device only where this torch has one."""
+    import torch
+    from probes import ProbeError
+
+    kind, colon, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (colon and (kind != "cuda" or not index.isdigit())):
+        raise ProbeError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ProbeError(f"--device {device}: this torch ({torch.__version__}) has no CUDA device; use --device cpu")
+    if index and int(index) >= torch.cuda.device_count():
+        raise ProbeError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def _cmd_prepare(args) -> int:

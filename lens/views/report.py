@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 import plotly.offline
 
 from lens.views._registry import VIEWS, render, run_report_types
-from lens.views.export import FORMATS, export
+from lens.views.export import FORMATS, ExportError, export
 from lens.views.overview import compare_labels, compare_scores, correlations, head_table, label_counts, load_run
 from lens.views.style import FONT_FAMILY, detector_color, detector_colors, paper_styled
 
@@ -76,6 +76,10 @@ def write_report(
     if style not in STYLES:
         raise ReportError(f"unknown style {style!r}; styles: {', '.join(STYLES)}")
     folder = Path(out) / run_id
+    try:  # before minutes of rendering
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ReportError(f"--out {out} is not writable: {error.strerror or error}") from None
     applicable = run_views(store, run_id)
     missing = sorted(set(views or ()) - set(applicable))
     if missing:
@@ -84,15 +88,17 @@ def write_report(
     comparison = _comparison(store, run_id, compare)[2] if compare else {}
     all_figures = {**figures, **{f"compare.{name}": fig for name, fig in comparison.items()}}
     files = {name: paper_styled(fig) for name, fig in all_figures.items()} if style == "paper" else all_figures
-    static = [fmt for fmt in FORMATS if fmt in formats]
-    paths = [folder / f"{name}.{fmt}" for fmt in static for name in files]
-    written = export([files[p.stem] for p in paths], paths, dpi=dpi) if paths else []
-    if "html" in formats:
-        folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    if "html" in formats:  # first: it needs no browser, so it is written where static export is impossible
         page = folder / "report.html"
         page.write_text(html_report(store, run_id, figures=figures, compare=compare), encoding="utf-8")
         written.append(page)
-    return written
+    static = [fmt for fmt in FORMATS if fmt in formats]
+    paths = [folder / f"{name}.{fmt}" for fmt in static for name in files]
+    try:
+        return (export([files[p.stem] for p in paths], paths, dpi=dpi) if paths else []) + written
+    except ExportError as error:
+        raise ExportError(f"{error}; the HTML report was written: {written[0]}" if written else str(error)) from None
 
 
 def _comparison(store, run_id: str, other: str) -> tuple[object, object, dict[str, go.Figure]]:
