@@ -15,7 +15,7 @@ def read_probe_file(path: str | Path) -> list[tuple[str, object]]:
     """``(where, object)`` for every non-blank line, ``where`` being ``file:line``."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (as some Windows editors write) is skipped
     except FileNotFoundError:
         raise ProbeFileError(f"probe file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as error:

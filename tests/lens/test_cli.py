@@ -35,6 +35,8 @@ def test_unknown_model(capsys, tmp_path):
         ('{"text": "fine"}\n{"text": broken}\n', "probes.jsonl:2: malformed JSON"),
         ('{"text": "fine"}\n\n{"other": 1}\n', "probes.jsonl:3: missing or empty string field 'text'"),
         (b"\xff\xfe\x00", "unreadable"),
+        ('{"text": "fine"}\n[1, 2]\n', "probes.jsonl:2: expected a JSON object, got list"),
+        ('{"text": ""}\n', "probes.jsonl:1: missing or empty string field 'text'"),
     ],
 )
 def test_bad_probe_files(capsys, tmp_path, content, expected):
@@ -45,7 +47,44 @@ def test_bad_probe_files(capsys, tmp_path, content, expected):
         path.write_text(content)
     code, _, err = _run(capsys, "census", "--model", "tiny-llama", "--detectors", "sinks", "--probes-file", str(path), "--store", str(tmp_path / "s"))
     assert code == 2 and expected in err and err.count("\n") == 1
-    assert not list((tmp_path / "s").rglob("*.parquet"))
+    assert not (tmp_path / "s").exists(), "bad input leaves the store as it was"
+
+
+def test_probe_file_with_byte_order_mark_is_read(tmp_path):
+    from lens._probe_file import read_probe_file
+
+    path = tmp_path / "probes.jsonl"
+    path.write_bytes("\ufeff".encode() + b'{"text": "caf\xc3\xa9"}\r\n{"text": "two"}\r\n')
+    assert read_probe_file(path) == [(f"{path}:1", {"text": "café"}), (f"{path}:2", {"text": "two"})]
+
+
+def _cuda_missing() -> str:
+    import torch
+
+    return "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+
+
+@pytest.mark.parametrize(
+    ("device", "expected"),
+    [("gpu", "--device 'gpu': expected cpu, cuda or cuda:N"), ("cpu:1", "expected cpu, cuda or cuda:N"), (_cuda_missing(), "CUDA device")],
+)
+def test_bad_device(capsys, tmp_path, device, expected):
+    code, _, err = _run(capsys, "census", "--model", "tiny-llama", "--detectors", "sinks", "--device", device, "--store", str(tmp_path / "s"))
+    assert code == 2 and expected in err and err.count("\n") == 1
+    assert not (tmp_path / "s").exists()
+
+
+def test_model_of_unsupported_architecture(capsys, tmp_path):
+    from transformers import AutoTokenizer, MambaConfig, MambaForCausalLM
+
+    from lens._models.catalog import ensure_cached
+
+    folder = tmp_path / "mamba"
+    MambaForCausalLM(MambaConfig(num_hidden_layers=1, hidden_size=16, state_size=4, vocab_size=64)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(ensure_cached("tiny-llama")).save_pretrained(folder)
+    code, _, err = _run(capsys, "census", "--model", str(folder), "--detectors", "sinks", "--store", str(tmp_path / "s"))
+    assert code == 2 and "cannot capture MambaForCausalLM" in err and err.count("\n") == 1
+    assert not (tmp_path / "s").exists()
 
 
 def test_prompt_longer_than_context(capsys, tmp_path):
@@ -70,13 +109,21 @@ def test_unwritable_store(capsys, tmp_path):
         ("sinks.eps=[1,2]", "valid number"),
         ("preplan_anchor.share=0.9", "less than or equal to 0.5"),
         ("preplan_anchor.sink_keys=all", "'first' or 'detected'"),
+        ("sinks.eps=1.5", "sinks.eps='1.5': Input should be less than 1"),
+        ("sinks.active_rule=median", "'ratio' or 'jump'"),
+        ("retrieval.depths=[0.5,2]", "less than or equal to 1"),
+        ("retrieval.lengths=500", "valid array"),
+        ("contextual.learning_rate=0", "greater than 0"),
+        ("circuits.top_percent=200", "less than or equal to 100"),
+        ("circuits.selection=best", "'faithfulness' or 'top_percent'"),
+        ("nope.x=1", "unknown detector 'nope'"),
         ("sinks", "expected DETECTOR.NAME=VALUE"),
     ],
 )
 def test_bad_param(capsys, tmp_path, flag, expected):
     code, _, err = _run(capsys, "census", "--model", "tiny-llama", "--detectors", "sinks,preplan_anchor", "--param", flag, "--store", str(tmp_path / "s"))
     assert code == 2 and expected in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "s" / "runs").exists()
+    assert not (tmp_path / "s").exists()
 
 
 def test_census_end_to_end_via_python_m(tmp_path):
@@ -161,3 +208,50 @@ def test_preset_full_sets_each_detectors_preset_and_params_override_it(tmp_path)
                          params={"preplan_anchor": {"max_new_tokens": "4"}})
     params = json.loads(store.runs(run_id=result.run_id)["params"].iloc[0])
     assert params["n_probes"] == 26 and params["max_new_tokens"] == 4
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished sinks run of tiny-llama on one probe: (store path, run id)."""
+    import lens
+
+    store = tmp_path_factory.mktemp("tiny-run") / "store"
+    assert main(["census", "--model", "tiny-llama", "--detectors", "sinks", "--limit", "1", "--store", str(store)]) == 0
+    return store, lens.ReportStore(store).latest_run()
+
+
+def test_report_to_unwritable_out(capsys, tmp_path, tiny_run):
+    store, _ = tiny_run
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = _run(capsys, "report", "--store", str(store), "--out", str(blocker / "out"), "--format", "html")
+    assert code == 2 and err == f"lens: error: --out {blocker / 'out'} is not writable: Not a directory\n"
+
+
+def test_report_without_a_browser_still_writes_the_html(capsys, tmp_path, tiny_run, monkeypatch):
+    monkeypatch.setattr("lens.views.export.find_browser", lambda: None)
+    store, run_id = tiny_run
+    code, _, err = _run(capsys, "report", "--store", str(store), "--out", str(tmp_path), "--views", "sinks.heatmap")
+    page = tmp_path / run_id / "report.html"
+    assert code == 2 and err.count("\n") == 1 and "needs a Chromium-based browser" in err and f"the HTML report was written: {page}" in err
+    assert page.stat().st_size > 10_000 and not list((tmp_path / run_id).glob("*.pdf"))
+
+
+def test_store_compact(capsys, tmp_path, tiny_run):
+    import shutil
+
+    import lens
+
+    store = tmp_path / "store"
+    shutil.copytree(tiny_run[0], store)
+    run_id = tiny_run[1]
+    before = lens.ReportStore(store).read("sinks", run_id=run_id)
+    # A second unit's rows for the same run, as a census split into units writes them.
+    lens.ReportStore(store).write(lens.Report("sinks", before.drop(columns=["run_id", "model", "detector"]), run_id, "tiny-llama", "sinks"))
+    code, out, _ = _run(capsys, "store", "compact", "--store", str(store), "--run", run_id)
+    assert code == 0 and out == f"run {run_id}: 2 files merged\n"
+    after = lens.ReportStore(store).read("sinks", run_id=run_id)
+    assert len(after) == 2 * len(before) and len(lens.ReportStore(store).files("sinks", run_id=run_id)) == 1
+    assert _run(capsys, "store", "compact", "--store", str(store))[1] == f"run {run_id}: already compact\n"
+    code, _, err = _run(capsys, "store", "compact", "--store", str(store), "--run", "nope")
+    assert code == 2 and err.count("\n") == 1 and "no finished run 'nope'" in err
