@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the models known by name")
     sub.add_parser("detectors", help="list the registered detectors")
     architectures = sub.add_parser("architectures", help="list the architectures the workbench can capture (read from TransformerLens's adapters)")
-    architectures.add_argument("--write", default=None, metavar="PAGE", help="instead of printing, rewrite the generated block of this Markdown page (docs/architectures.md)")
+    architectures.add_argument("--write", default=None, metavar="PAGE", help="instead of printing, rewrite the generated block of this Markdown page (docs/architectures.md, README.md)")
     runs = sub.add_parser("runs", help="list the runs in a store: unfinished ones with their progress, then finished ones")
     runs.add_argument("--store", default=DEFAULT_STORE)
     store = sub.add_parser("store", help="maintain a report store")
@@ -283,9 +283,16 @@ def _cmd_schema(args) -> int:
 
 
 def _cmd_architectures(args) -> int:
-    from lens._models.architectures import architectures_markdown
+    from lens._models.architectures import architectures_markdown, architectures_summary
 
-    return _print_or_write(architectures_markdown(), args.write, "architectures")
+    if args.write is None:
+        return _print_or_write(architectures_markdown(), None, "architectures")
+    # The table for docs/architectures.md, the one-paragraph list for the README: whichever block the page has.
+    text = Path(args.write).read_text()
+    for marker, block in (("architectures", architectures_markdown), ("architectures-summary", architectures_summary)):
+        if f"<!-- {marker}:begin -->" in text:
+            _print_or_write(block(), args.write, marker)
+    return 0
 
 
 def _print_or_write(block: str, page: str | None, marker: str) -> int:

@@ -201,3 +201,20 @@ def architectures_markdown() -> str:
         if reason is not None:
             lines.append(f"| {name} | {reason.replace('|', '/')} |")
     return "\n".join(lines)
+
+
+def architectures_summary() -> str:
+    """One paragraph for the README: every supported architecture, the tested ones in bold."""
+    import transformers
+
+    from lens._models.tiny import TINY_MODEL_TYPES
+
+    def short(name: str) -> str:
+        tested = getattr(transformers, name).config_class.model_type in TINY_MODEL_TYPES
+        label = name.removesuffix("ForCausalLM").removesuffix("LMHeadModel").replace("ForConditionalGeneration", " (multimodal)")
+        return f"**{label}**" if tested else label
+
+    names = supported_architectures()
+    return (f"{len(names)} architectures, read from TransformerLens's adapters "
+            f"([docs/architectures.md](docs/architectures.md); in bold those the tests run as tiny models): "
+            f"{', '.join(short(name) for name in names)}.")

@@ -127,12 +127,15 @@ def test_loading_an_uncapturable_architecture_names_it(tokenizer, tmp_path):
         lens.load(str(tmp_path))
 
 
-def test_architectures_page_is_current():
+@pytest.mark.parametrize("page, marker", [("docs/architectures.md", "architectures"), ("README.md", "architectures-summary")])
+def test_architecture_lists_are_current(page, marker):
     from pathlib import Path
 
-    from lens._models.architectures import architectures_markdown
+    from lens._models import architectures
 
-    page = (Path(__file__).parents[2] / "docs" / "architectures.md").read_text()
-    block = page.split("<!-- architectures:begin -->\n", 1)[1].split("\n<!-- architectures:end -->", 1)[0]
-    assert block == architectures_markdown(), "regenerate it: lens architectures --write docs/architectures.md"
-    assert block.count("| yes |") == len(TINY_MODEL_TYPES) >= 6
+    text = (Path(__file__).parents[2] / page).read_text()
+    block = text.split(f"<!-- {marker}:begin -->\n", 1)[1].split(f"\n<!-- {marker}:end -->", 1)[0]
+    generate = architectures.architectures_markdown if marker == "architectures" else architectures.architectures_summary
+    assert block == generate(), f"regenerate it: lens architectures --write {page}"
+    tested = block.count("| yes |") if marker == "architectures" else block.count("**") // 2
+    assert tested == len(TINY_MODEL_TYPES) >= 6
