@@ -2,8 +2,9 @@
 
 Public surface (implementation modules are private):
 
-- ``load(name)`` -> ``Model`` (``.hf``, ``.bridge``, ``.tokenizer``, ``.info``); ``known_models()``
-- capture: ``capture(model, tokens, needs, interventions)`` with needs ``AttentionRows``, ``Residual``,
+- ``load(name, device=, dtype=)`` -> ``Model`` (``.hf``, ``.bridge``, ``.tokenizer``, ``.info``); ``name`` a catalog name
+  (``known_models()``), a local Hugging Face folder of a supported architecture, or a TransformerLens ``TransformerBridge``
+- capture: ``capture(model, tokens, needs, interventions, hooks={TransformerLens hook name: fn})`` with needs ``AttentionRows``, ``Residual``,
   ``Logits`` and interventions ``ZeroQuery``, ``AddToQuery``, ``ScaleSinks``, ``ReplaceZ``
 - store: ``ReportStore(path)``, ``Report``
 - census: ``census(model)`` (every detector, a temporary store; ``result.show(view)``, ``result.save(path)``),
@@ -15,6 +16,7 @@ from lens._capture.interventions import AddToQuery, Intervention, ReplaceZ, Scal
 from lens._capture.needs import AttentionBlock, AttentionRows, LogitChunks, Logits, Residual
 from lens._capture.session import capture, session
 from lens._models.catalog import DEFAULT_MODEL, cache_root, known_models
+from lens._models.errors import UnsupportedArchitectureError
 from lens._models.model import Model, ModelInfo, PromptTooLongError, UnknownModelError, load
 from lens._store.schema import ReportSchema, SchemaMismatchError
 from lens._store.store import Report, StoreError
@@ -86,6 +88,7 @@ __all__ = [
     "Residual",
     "ScaleSinks",
     "UnknownModelError",
+    "UnsupportedArchitectureError",
     "ZeroQuery",
     "cache_root",
     "capture",
