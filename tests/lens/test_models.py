@@ -134,3 +134,18 @@ def test_unknown_hook_names_are_refused(tiny_llama):
         lens.capture(tiny_llama, tokens, hooks={"blocks.7.attn.hook_z": print})
     with pytest.raises(ValueError, match="blocks.0.hook_resid_post: capture only reads this activation"):
         lens.capture(tiny_llama, tokens, hooks={"blocks.0.hook_resid_post": lambda x, hook: x})
+
+
+def test_a_census_runs_on_a_users_bridge(tiny_llama):
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama.folder, dtype=torch.float32)
+    bridge = TransformerBridge.boot_transformers("tiny-llama", hf_model=hf, tokenizer=tiny_llama.tokenizer)
+    model = lens.load(bridge)
+    assert (model.name, model.info.n_kv_heads, model.info.fingerprint) == ("tiny-llama", 2, tiny_llama.info.fingerprint)
+    frames = {report.type: report.frame for report in lens.census(model, ["sinks"], limit=1).reports["sinks"]}
+    assert len(frames["sinks"]) == 2 * 4
+    bridge.enable_compatibility_mode()  # folds norms into the weights: no longer the HF model's computation
+    with pytest.raises(ValueError, match="weights are processed"):
+        lens.load(bridge)
