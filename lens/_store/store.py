@@ -90,6 +90,13 @@ def _check_columns(file: Path, found: pyarrow.Schema, declared: pyarrow.Schema, 
         actual = found.field(field.name).type
         if not _readable_as(actual, field.type):
             raise SchemaMismatchError(f"{file}: report {report_type!r}: column {field.name!r}: type {actual}, declared {field.type}")
+    # A file that did not come from ReportStore.write may hold nulls where none are allowed: read those columns.
+    may_hold_nulls = [field.name for field in declared if not field.nullable and found.field(field.name).nullable]
+    if may_hold_nulls:
+        table = pq.read_table(file, columns=may_hold_nulls)
+        for name in may_hold_nulls:
+            if table.column(name).null_count:
+                raise SchemaMismatchError(f"{file}: report {report_type!r}: column {name!r}: {table.column(name).null_count} null value(s) in a column declared non-nullable")
 
 
 def _dataset(files: list[Path], schema: pyarrow.Schema) -> pyarrow.dataset.Dataset:

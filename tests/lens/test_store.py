@@ -71,6 +71,13 @@ def test_mismatched_file_on_read_names_file_and_column(store):
         store.read("sinks")
 
 
+def test_file_with_nulls_in_a_non_nullable_column_names_file_and_column(store):
+    path = store.write(_report())
+    pd.read_parquet(path).assign(first_token=["The", None, "The"]).to_parquet(path)  # as another tool might write it
+    with pytest.raises(SchemaMismatchError, match=f"{path}.*'first_token': 1 null value"):
+        store.read("sinks")
+
+
 def test_unwritable_store_is_one_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
