@@ -107,7 +107,7 @@ def _dataset(files: list[Path], schema: pyarrow.Schema) -> pyarrow.dataset.Datas
 
 def _live(listed: list[Path]) -> list[Path]:
     """The listed files but those a listed compacted file replaces."""
-    replaced = set()
+    replaced: set[Path] = set()
     for compacted in (f for f in listed if f.name.startswith(COMPACT_PREFIX)):
         metadata = pq.read_schema(compacted).metadata or {}
         replaced |= {compacted.parent / name for name in json.loads(metadata.get(REPLACES_KEY, b"[]"))}
@@ -283,10 +283,10 @@ class ReportStore:
     def files(self, report_type: str, model: str | None = None, run_id: str | None = None) -> list[Path]:
         """The live Parquet files of ``report_type``: every listed file but those a compacted file
         replaces (which a compaction removes right after writing it)."""
-        return self._snapshot(report_type, model, run_id)[0]
+        return self._snapshot(report_type, model, run_id)
 
-    def _snapshot(self, report_type: str, model: str | None, run_id: str | None) -> tuple[list[Path], frozenset[Path]]:
-        """``(live files, compacted files)``, listed until two listings agree.
+    def _snapshot(self, report_type: str, model: str | None, run_id: str | None) -> list[Path]:
+        """The live files, listed until two listings agree.
 
         A compaction adds its merged file before it removes the parts, so a listing that races with it
         may miss both (a directory scan need not return entries added or removed during it); the second
@@ -300,7 +300,7 @@ class ReportStore:
             compacted = frozenset(f for f in listed if f.name.startswith(COMPACT_PREFIX))
             again = set(self._listing(report_type, model, run_id))
             if {f for f in again if f.name.startswith(COMPACT_PREFIX)} == compacted and again.issuperset(live):
-                return live, compacted
+                return live
         raise StoreError(f"store {self.path}: {report_type} kept changing under a compaction; try again")
 
     def read(self, report_type: str, columns: list[str] | None = None, **filters) -> pd.DataFrame:
@@ -320,10 +320,14 @@ class ReportStore:
         condition = None
         for key, value in filters.items():
             wanted = list(value) if isinstance(value, (list, tuple, set)) else [value]
-            term = pyarrow.compute.field(key).isin(pyarrow.array(wanted, type=arrow_schema.field(key).type))
+            column_type = arrow_schema.field(key).type
+            try:
+                term = pyarrow.compute.field(key).isin(pyarrow.array(wanted, type=column_type))
+            except (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError, TypeError):
+                raise SchemaMismatchError(f"report {report_type!r}: filter {key}={value!r} does not fit the column's type {column_type}") from None
             condition = term if condition is None else condition & term
         for _ in range(_RETRIES):
-            files, _compacted = self._snapshot(report_type, one.get("model"), one.get("run_id"))
+            files = self._snapshot(report_type, one.get("model"), one.get("run_id"))
             try:
                 self._check_files(files, schema)
                 dataset = _dataset(files, arrow_schema)

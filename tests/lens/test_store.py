@@ -160,6 +160,8 @@ def test_filters_are_pushed_down_and_results_match_pandas_filtering(store):
     assert empty.empty and list(empty.columns) == list(everything.columns) and (empty.dtypes == everything.dtypes).all()
     with pytest.raises(SchemaMismatchError, match="no column"):
         store.read("sinks", colour="red")
+    with pytest.raises(SchemaMismatchError, match="filter layer='one' does not fit the column's type int64"):
+        store.read("sinks", layer="one")
 
 
 def _manifest(run_id: str, model: str = "m", started_at: str = "2026-01-01T00:00:00Z") -> lens.Report:
