@@ -195,6 +195,7 @@ def test_unprepared_catalog_model_says_lens_prepare(capsys, tmp_path, monkeypatc
     assert main(["census", "--model", "gemma3-270m", "--store", str(tmp_path / "store")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "lens prepare" in err[0]
+    assert not (tmp_path / "store").exists()
 
 
 def test_preset_full_sets_each_detectors_preset_and_params_override_it(tmp_path):
