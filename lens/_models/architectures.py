@@ -43,6 +43,10 @@ class ArchitectureAdapter:
     # on its output where there is one (Gemma 2 and 3's post_feedforward_layernorm, OLMo 2's).
     mlp_write_name: str
     final_norm_path: str | None  # None: no final norm (OPT-350m projects instead)
+    # The attention's separate q, k and v projections, relative to the attention module; None where one
+    # fused projection computes all three (GPT-2's c_attn, GPT-NeoX's query_key_value, Phi-3's qkv_proj).
+    projection_names: tuple[str, str, str] | None
+    fused_projection_name: str | None
     unembed_path: str
     embed_path: str
 
@@ -51,6 +55,14 @@ class ArchitectureAdapter:
 
     def attention(self, layer: nn.Module) -> nn.Module:
         return layer.get_submodule(self.attention_name)
+
+    def projection(self, attention: nn.Module, kind: str) -> nn.Module:
+        """The ``kind`` ("q", "k" or "v") projection of an attention module, where it is a module of its own."""
+        if self.projection_names is None:
+            raise UnsupportedArchitectureError(
+                f"{self.architecture} computes q, k and v in one fused projection ({self.fused_projection_name}), not one module each"
+            )
+        return attention.get_submodule(self.projection_names["qkv".index(kind)])
 
     def attention_write(self, layer: nn.Module) -> nn.Module:
         return layer.get_submodule(self.attention_write_name)
@@ -162,6 +174,8 @@ def adapter_for(hf_config, architecture: str):
     # projection is what it writes.
     mlp_write = parts.get("ln2_post") or (mlp if mlp.name is not None else mlp.submodules["out"])
     final_norm = mapping.get("ln_final")
+    attention_parts = parts["attn"].submodules
+    fused = attention_parts.get("qkv")
     adapter = ArchitectureAdapter(
         architecture=architecture,
         layers_path=blocks.name,
@@ -169,6 +183,8 @@ def adapter_for(hf_config, architecture: str):
         attention_write_name=(parts.get("ln1_post") or parts["attn"]).name,
         mlp_write_name=mlp_write.name,
         final_norm_path=None if final_norm is None else final_norm.name,
+        projection_names=None if fused is not None else tuple(attention_parts[kind].name for kind in "qkv"),
+        fused_projection_name=None if fused is None else fused.name,
         unembed_path=mapping["unembed"].name,
         embed_path=mapping["embed"].name,
     )

@@ -46,7 +46,7 @@ def tiny_config(model_type: str, tokenizer, **overrides):
     if getattr(defaults, "sliding_window", None) is not None or "sliding_window" in defaults.to_dict():
         dims["sliding_window"] = TINY_WINDOW
     special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": None}
-    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **dims, **special, **{**TINY_OVERRIDES.get(model_type, {}), **overrides})
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **{**dims, **special, **TINY_OVERRIDES.get(model_type, {}), **overrides})
     config.architectures = [AutoModelForCausalLM._model_mapping[config_class].__name__]
     return config
 

@@ -92,6 +92,17 @@ def test_info_is_read_through_transformer_lens(tiny):
         assert info.sliding_window == TINY_WINDOW
 
 
+def test_q_k_v_projections_are_named_or_fused(tiny):
+    model, _ = tiny
+    attention = model.adapter.attention(model.layers()[0])
+    if model.adapter.projection_names is None:  # GPT-2, GPT-NeoX, Phi-3
+        with pytest.raises(UnsupportedArchitectureError, match=f"{model.info.architecture} computes q, k and v in one fused projection"):
+            model.adapter.projection(attention, "q")
+    else:
+        q, k = model.adapter.projection(attention, "q"), model.adapter.projection(attention, "k")
+        assert q.out_features == model.info.n_heads * model.info.d_head and k.out_features == model.info.n_kv_heads * model.info.d_head
+
+
 def test_a_small_sinks_census_runs(tiny):
     model, _ = tiny
     result = lens.census(model, ["sinks"], limit=1)
