@@ -8,6 +8,7 @@ step's query sits at its absolute position on sliding-window layers too.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -54,19 +55,21 @@ def generate(
     temperature: float = 0.0,
     seed: int = 0,
     past_key_values=None,
+    prefix=None,
 ) -> Generation:
     """Decode an answer. With ``stop_at_newline`` it ends at the first newline once the answer has
     begun (some non-space text before it). ``temperature > 0`` samples, seeded by ``seed``.
     ``past_key_values``: a KV cache already holding the first tokens of the prompt, from
     ``model.prefix_cache`` (it is extended in place, so pass a copy to reuse it); only the rest of the
-    prompt is fed."""
+    prompt is fed. ``prefix``: the prompt's first tokens run once (``model.run_prefix``), copied here, so
+    one prefix serves many generations."""
     model.check_length(len(prompt_tokens) + max_new_tokens, what="prompt plus answer")
     stops = set(stop_token_ids(model))
     tokens = prompt_tokens.to(model.device)[None]
     answer: list[int] = []
     stopped_by = "length"
     generator = torch.Generator(device=model.device).manual_seed(seed)
-    past = model.new_cache() if past_key_values is None else past_key_values
+    past = copy.deepcopy(prefix.cache) if prefix is not None else model.new_cache() if past_key_values is None else past_key_values
     if past.get_seq_length() >= len(prompt_tokens):
         raise ValueError(f"the KV cache holds {past.get_seq_length()} tokens; it must hold fewer than the prompt's {len(prompt_tokens)}")
     with torch.no_grad():

@@ -29,7 +29,6 @@ p-value against a layer-stratified permutation null, Holm-corrected over task pa
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import random
@@ -49,7 +48,8 @@ from torch import Tensor
 from lens._capture.interventions import Intervention, ReplaceZ
 from lens._capture.needs import Logits
 from lens._capture.session import capture, session
-from lens._store.schema import Column, ReportSchema
+from lens._models.model import Prefix
+from lens._store.schema import HEAD, LAYER, Column, ReportSchema
 from lens._store.store import Report
 from metrics.circuits import (
     attribution_score,
@@ -78,8 +78,8 @@ CIRCUIT_HEADS = ReportSchema(
     "Per task, method (and path-patching stage) and head: importance for the task's logit difference (Merullo et al. 2024).",
     (
         Column("task", "string", "task name"),
-        Column("layer", "int64", "layer index, from 0"),
-        Column("head", "int64", "query-head index within the layer, from 0"),
+        LAYER,
+        HEAD,
         Column("importance", "float64", "normalized patching score (LD_patched - LD_clean) / (LD_corrupt - LD_clean), exact or estimated"),
         Column("ci_low", "float64", "2.5th percentile of the importance over bootstrap resamples of the prompt pairs", nullable=True),
         Column("ci_high", "float64", "97.5th percentile of the same", nullable=True),
@@ -320,21 +320,10 @@ GRADIENT_TOKENS = 512
 
 
 @contextmanager
-def _input_embeddings(model, embeddings: Float[Tensor, "batch pos d_model"]) -> Iterator[None]:
-    """Make the embedding layer return ``embeddings`` (whatever tokens it is given)."""
-    handle = model.hf.get_input_embeddings().register_forward_hook(lambda _module, _inputs, output: embeddings.to(output))
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-@contextmanager
 def _projection_rows(model, slots: list[tuple[int, str, slice]], record: dict | None = None, replace: dict | None = None) -> Iterator[None]:
     """Record (into ``record``) or overwrite (from ``replace``) the first row of the q/k/v projections'
     outputs, ``slots`` = (layer, projection name, feature slice of one head). Pre-rotation q and k are
     patched: both runs are at the same position, so the rotation they get afterwards is the same."""
-    layers = model.hf.get_decoder().layers
     by_module: dict[tuple[int, str], list[slice]] = {}
     for layer, name, columns in slots:
         by_module.setdefault((layer, name), []).append(columns)
@@ -352,7 +341,7 @@ def _projection_rows(model, slots: list[tuple[int, str, slice]], record: dict | 
 
         return edit
 
-    handles = [getattr(layers[layer].self_attn, name).register_forward_hook(hook((layer, name))) for layer, name in by_module]
+    handles = [getattr(model.attention(layer), name).register_forward_hook(hook((layer, name))) for layer, name in by_module]
     try:
         yield
     finally:
@@ -372,8 +361,8 @@ class Pair:
     top1: bool = False
     z_clean: Float[Tensor, "layer head d_head"] | None = None
     z_corrupt: Float[Tensor, "layer head d_head"] | None = None
-    prefix_cache: object = None  # the clean prompt's KV cache without its last token
-    suffix_caches: dict = field(default_factory=dict)  # path patching: clean prefixes' KV caches by length
+    prefix: Prefix | None = None  # the clean prompt run without its last token
+    suffix_prefixes: dict = field(default_factory=dict)  # path patching: clean prefixes run, by length
 
     @property
     def ids(self) -> tuple[Tensor, Tensor]:
@@ -416,7 +405,7 @@ class TaskResult:
 
 def _frame(schema: ReportSchema, rows: list[dict]) -> pd.DataFrame:
     """Rows as a frame of the schema's columns, typed even when there are none (one task: no pairs)."""
-    empty = schema.empty_frame()[[c.name for c in schema.columns]]
+    empty = schema.empty_rows()
     return pd.DataFrame(rows, columns=empty.columns) if rows else empty
 
 
@@ -513,44 +502,25 @@ class Circuits(Detector):
         ``replace[b]`` set to ``values``. Uses the clean prefix's KV cache (earlier positions do not
         depend on the final position's heads) and only the target and foil rows of the LM head."""
         model = self.model
-        decoder = model.hf.get_decoder()
-        if pair.prefix_cache is None:  # keeps every key, so crop(-1) works past a sliding window
-            pair.prefix_cache = model.prefix_cache(pair.clean[:-1])
-        unembed = model.hf.get_output_embeddings()
-        rows = torch.tensor([pair.target, pair.foil], device=model.device)
-        softcap = getattr(model.hf.config, "final_logit_softcapping", None)
-        cache_bytes = sum(t.numel() * t.element_size() for layer in pair.prefix_cache.layers for t in (layer.keys, layer.values))
-        batch_size = max(1, min(self.params.batch_size, BATCHED_CACHE_BYTES // max(1, cache_bytes)))
-        lds, cache = [], None
-        for start in range(0, replace.shape[0], batch_size):
-            chunk = replace[start : start + batch_size]
-            n = chunk.shape[0]
-            if cache is None or n != batch_size:
-                cache = copy.deepcopy(pair.prefix_cache)
-                cache.batch_repeat_interleave(n)
-            edits = [
-                ReplaceZ(layer, [-1], values[layer][None, None].to(model.device), chunk[:, layer].to(model.device))
-                for layer in range(chunk.shape[1])
-                if bool(chunk[:, layer].any())
-            ]
-            with torch.no_grad(), session(model, (), edits):
-                last = pair.clean[-1:].expand(n, 1).to(model.device)
-                hidden = decoder(input_ids=last, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
-                logits = torch.nn.functional.linear(hidden, unembed.weight[rows], None if unembed.bias is None else unembed.bias[rows]).float()
-            cache.crop(-1)  # back to the prefix: the next batch reuses the repeated cache
-            if softcap is not None:
-                logits = torch.tanh(logits / softcap) * softcap
-            lds.append((logits[:, 0] - logits[:, 1]).cpu())
+        if pair.prefix is None:
+            pair.prefix = model.run_prefix(pair.clean[:-1])
+        batch_size = max(1, min(self.params.batch_size, BATCHED_CACHE_BYTES // max(1, pair.prefix.nbytes)))
+        lds = []
+        with model.continuing(pair.prefix) as run:
+            for start in range(0, replace.shape[0], batch_size):
+                chunk = replace[start : start + batch_size]
+                edits = [
+                    ReplaceZ(layer, [-1], values[layer][None, None].to(model.device), chunk[:, layer].to(model.device))
+                    for layer in range(chunk.shape[1])
+                    if bool(chunk[:, layer].any())
+                ]
+                with torch.no_grad(), session(model, (), edits):
+                    lds.append(self._answer_ld(pair, run(pair.clean[-1:].expand(chunk.shape[0], 1))[:, -1]))
         return torch.cat(lds)
 
     def _answer_ld(self, pair: Pair, hidden: Float[Tensor, "batch d_model"]) -> Float[Tensor, " batch"]:
         """LD from final hidden states through the target and foil rows of the LM head only."""
-        unembed = self.model.hf.get_output_embeddings()
-        rows = torch.tensor([pair.target, pair.foil], device=hidden.device)
-        logits = torch.nn.functional.linear(hidden, unembed.weight[rows], None if unembed.bias is None else unembed.bias[rows]).float()
-        softcap = getattr(self.model.hf.config, "final_logit_softcapping", None)
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
+        logits = self.model.unembed(hidden, torch.tensor([pair.target, pair.foil])).float()
         return (logits[:, 0] - logits[:, 1]).cpu()
 
     def _suffix_run(
@@ -560,18 +530,11 @@ class Circuits(Detector):
         before ``start`` depends on what is patched from there on), the suffix runs batched under
         ``interventions`` and the q/k/v ``slots`` recorded or replaced."""
         model = self.model
-        decoder = model.hf.get_decoder()
-        cache = None
-        if start > 0:
-            key = ("prefix", start)
-            if key not in pair.suffix_caches:  # keeps every key (Gemma 3's sliding window)
-                pair.suffix_caches[key] = model.prefix_cache(pair.clean[:start])
-            cache = copy.deepcopy(pair.suffix_caches[key])
-            cache.batch_repeat_interleave(n)
-        with torch.no_grad(), session(model, (), list(interventions)), _projection_rows(model, list(slots), record, replace):
-            tokens = suffix[None].expand(n, -1).to(model.device)
-            hidden = decoder(input_ids=tokens, past_key_values=cache, use_cache=cache is not None).last_hidden_state[:, -1]
-            return self._answer_ld(pair, hidden)
+        if start > 0 and start not in pair.suffix_prefixes:
+            pair.suffix_prefixes[start] = model.run_prefix(pair.clean[:start])
+        with (torch.no_grad(), session(model, (), list(interventions)), _projection_rows(model, list(slots), record, replace),
+              model.continuing(pair.suffix_prefixes.get(start)) as run):
+            return self._answer_ld(pair, run(suffix[None].expand(n, -1))[:, -1])
 
     def _z_at(self, pair: Pair, start: int, tokens: Int[Tensor, " pos"]) -> Float[Tensor, "layer head d_head"]:
         taps = [ZTap(layer, row=0) for layer in range(self.model.info.n_layers)]
@@ -642,9 +605,8 @@ class Circuits(Detector):
         """d LD / d z at the final position for input embeddings interpolated from the corrupted prompt
         at k/m, k = 0..m-1 (EAP-IG, Hanna et al. 2024), and at the clean prompt (attribution patching)."""
         model, steps = self.model, self.params.ig_steps
-        embedding = model.hf.get_input_embeddings()
         with torch.no_grad():
-            clean, corrupt = embedding(pair.clean[None].to(model.device)), embedding(pair.corrupt[None].to(model.device))
+            clean, corrupt = model.embed(pair.clean[None]), model.embed(pair.corrupt[None])
         # Interpolation points are batch elements of one forward and backward pass (each element's
         # LD depends on its own input only, so the gradient of their sum splits exactly), as many at
         # once as GRADIENT_TOKENS allows: a backward pass holds activations of every prompt position.
@@ -654,7 +616,7 @@ class Circuits(Detector):
         for chunk in alphas.split(max(1, GRADIENT_TOKENS // len(pair.clean))):
             taps = [ZTap(layer, grad=True) for layer in range(model.info.n_layers)]
             logits: list[Tensor] = []
-            with _input_embeddings(model, corrupt + chunk[:, None, None] * (clean - corrupt)):
+            with model.embeddings_replaced(corrupt + chunk[:, None, None] * (clean - corrupt)):
                 capture(model, pair.clean[None].expand(len(chunk), -1), [Logits(logits.append)], taps, grad=True)
             n = len(chunk)
             ld = logit_difference(logits[0][:, -1].float(), target.expand(n).to(model.device), foil.expand(n).to(model.device))
@@ -748,8 +710,8 @@ class Circuits(Detector):
             repaired = torch.cat([self._final_token_lds(p, boosted, p.z_clean * self.params.repair_scale) for p in pairs])
             repair_accuracy = float((repaired > 0).double().mean())
         for pair in pairs:
-            pair.prefix_cache = None
-            pair.suffix_caches.clear()
+            pair.prefix = None
+            pair.suffix_prefixes.clear()
         return TaskResult(
             task, pairs, importance, effects, in_circuit, stages, intervals, curve, curve_low, curve_high, ld_ablated,
             size, faithful_size, path_faithfulness, resamples, repair_accuracy,

@@ -55,7 +55,7 @@ from lens._capture.interventions import AddToQuery, Intervention
 from lens._capture.needs import AttentionBlock, AttentionRows
 from lens._capture.session import capture, session
 from lens._generate import chat_prompt, generate
-from lens._store.schema import Column, ReportSchema
+from lens._store.schema import HEAD, LAYER, Column, ReportSchema
 from lens._store.store import Report
 from metrics.contextual import focused_set_mass, heads_mean, score_ranks, set_mass, span_keys, top_heads
 from metrics.uncertainty import adjust_p_values, column_mean_intervals, mean_interval, proportion_interval
@@ -66,8 +66,8 @@ CONTEXTUAL = ReportSchema(
     "contextual",
     "Contextual heads: attention of the answer's tokens on the gold document (Zhu et al. 2025).",
     (
-        Column("layer", "int64", "layer index, from 0"),
-        Column("head", "int64", "query-head index within the layer, from 0"),
+        LAYER,
+        HEAD,
         Column("contextual_score", "float64", "attention mass on the gold document, mean over response tokens, then over probes"),
         Column("ci_low", "float64", "lower end of the 95% bootstrap interval of contextual_score over probes (NaN: one probe)", nullable=True),
         Column("ci_high", "float64", "upper end of that interval", nullable=True),
@@ -572,8 +572,7 @@ class Contextual(Detector):
         given = {a.question: a.split for a in self.answered if a.split is not None}
         splits = assign_splits([a.question for a in self.answered], given, self.seed)
         by_split = {name: [a for a in self.answered if splits[a.question] == name] for name in SPLITS}
-        empty = (FOCUS_EFFECT.empty_frame().drop(columns=["run_id", "model", "detector"]),
-                 CONTEXTUAL_TRAINING.empty_frame().drop(columns=["run_id", "model", "detector"]))
+        empty = (FOCUS_EFFECT.empty_rows(), CONTEXTUAL_TRAINING.empty_rows())
         if not all(by_split.values()):
             counts = ", ".join(f"{len(v)} {k}" for k, v in by_split.items())
             return *empty, [Claim.count("contextual.focus_skipped", 1, "runs",
@@ -609,7 +608,6 @@ class Contextual(Detector):
             response = self._gold_responses[example.gold_prompt]
             if len(response):
                 tokens = torch.cat([tokens[: example.n_prompt], response])
-        layers = self.model.adapter.layers(self.model.hf)
         group = self.model.info.n_heads // self.model.info.n_kv_heads
         kv_heads = defaultdict(set)
         for layer, head in heads:
@@ -626,12 +624,9 @@ class Contextual(Detector):
         recorders = [RecordKeys(layer, kv_index[layer], keys) for layer in kv_index]
         with torch.no_grad():
             capture(self.model, tokens, [AttentionRows(consume, positions=positions, layers=sorted(kv_index))], recorders)
-        scaling = []
-        for layer, _ in heads:
-            attention = layers[layer].self_attn
-            if getattr(attention, "attn_logit_softcapping", None) is not None:
-                raise ProbeError(f"contextual: {self.model.name} soft-caps attention scores; frozen-input focus training assumes it does not")
-            scaling.append(float(attention.scaling))
+        if self.model.info.attn_softcap is not None:
+            raise ProbeError(f"contextual: {self.model.name} soft-caps attention scores; frozen-input focus training assumes it does not")
+        scaling = [self.model.attention_scale(layer) for layer, _ in heads]
         return FrozenRows(
             probs=torch.stack([torch.cat(rows[layer], dim=1)[head] for layer, head in heads]),
             keys=torch.stack([keys[layer][kv_index[layer].index(head // group)] for layer, head in heads]),

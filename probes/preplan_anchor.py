@@ -37,7 +37,7 @@ from torch import Tensor
 
 from lens._capture.needs import AttentionBlock, AttentionRows, Logits
 from lens._generate import chat_prompt, generate
-from lens._store.schema import Column, ReportSchema
+from lens._store.schema import HEAD, LAYER, Column, ReportSchema
 from lens._store.store import Report
 from metrics import preplan_anchor as pa
 from probes._base import Claim, Detector, ForwardPass, PaperClaim, Params, ProbeError, builtin_probe_file, register, summary_report
@@ -50,8 +50,8 @@ HEAD_LOCALITY = ReportSchema(
     "Mean backward attention distance d per head over the responses, and its local/global group.",
     (
         Column("variant", "string", "'all' (attention as is) or 'no_sink' (sink keys removed, rows renormalised)"),
-        Column("layer", "int64", "layer index, from 0"),
-        Column("head", "int64", "query-head index within the layer, from 0"),
+        LAYER,
+        HEAD,
         Column("mean_distance", "float64", "d: mean over response tokens t of sum_s A[t,s]*(t-s)"),
         Column("group", "string", "'local' (bottom share by d), 'global' (top share), 'middle', or 'excluded' (outside the middle layers when restricted)"),
         Column("first_token_attention", "float64", "mean over response tokens of A[t,0], raw attention (shows sink heads)"),
@@ -92,8 +92,8 @@ LOCALITY_EXCERPT = ReportSchema(
         Column("probe_id", "string", "probe identifier"),
         Column("variant", "string", "the variant whose d chose the head"),
         Column("role", "string", "'local' (smallest d on this probe) or 'global' (largest d)"),
-        Column("layer", "int64", "layer index"),
-        Column("head", "int64", "head index"),
+        LAYER,
+        HEAD,
         Column("query_pos", "int64", "query position (the last excerpt_size positions of the trace)"),
         Column("key_pos", "int64", "key position: the window's positions, plus the first token"),
         Column("attention", "float64", "raw post-softmax attention A[query_pos, key_pos]"),
@@ -371,9 +371,9 @@ class PreplanAnchor(Detector):
             token_frames += frames
             summary += self._summary(variant, pd.concat(frames, ignore_index=True), local, global_)
         reports = [
-            Report("head_locality", pd.concat(locality, ignore_index=True) if locality else HEAD_LOCALITY.empty_frame()),
-            Report("reasoning_tokens", pd.concat(token_frames, ignore_index=True) if token_frames else REASONING_TOKENS.empty_frame()),
-            Report("locality_excerpt", self.excerpt if self.excerpt is not None else LOCALITY_EXCERPT.empty_frame()),
+            Report("head_locality", pd.concat(locality, ignore_index=True) if locality else HEAD_LOCALITY.empty_rows()),
+            Report("reasoning_tokens", pd.concat(token_frames, ignore_index=True) if token_frames else REASONING_TOKENS.empty_rows()),
+            Report("locality_excerpt", self.excerpt if self.excerpt is not None else LOCALITY_EXCERPT.empty_rows()),
         ]
         summary.append(Claim.count(f"{self.name}.n_probes", len(self.traces), "probes", f"responses analysed ({self.n_skipped} skipped: fewer than 2 response tokens)"))
         summary.append(Claim.count(f"{self.name}.n_response_tokens", n_tokens, "tokens", "response tokens over all probes"))

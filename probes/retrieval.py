@@ -33,7 +33,6 @@ zero-ablates the head's output instead.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 import math
@@ -54,7 +53,8 @@ from lens._capture.interventions import Intervention, ZeroQuery, _rows
 from lens._capture.needs import AttentionBlock, AttentionRows
 from lens._capture.session import session
 from lens._generate import Generation, chat_prompt, generate
-from lens._store.schema import Column, ReportSchema
+from lens._models.model import Prefix
+from lens._store.schema import HEAD, LAYER, Column, ReportSchema
 from lens._store.store import Report
 from metrics.retrieval import (
     RECALL_THRESHOLD,
@@ -78,8 +78,8 @@ RETRIEVAL = ReportSchema(
     "retrieval",
     "Head-level retrieval scores from needle-in-a-haystack copying (Wu et al. 2024).",
     (
-        Column("layer", "int64", "layer index, from 0"),
-        Column("head", "int64", "query-head index within the layer, from 0"),
+        LAYER,
+        HEAD,
         Column("retrieval_score", "float64", "copy credit per trial (1/needle tokens per step whose top-1 key is the needle token generated), mean over counted trials"),
         Column("ci_low", "float64", "lower end of the 95% percentile-bootstrap interval of retrieval_score over counted trials (NaN below 2)", nullable=True),
         Column("ci_high", "float64", "upper end of that interval", nullable=True),
@@ -530,7 +530,7 @@ class Retrieval(Detector):
         params = self.params
         rows = []
         for trial in trials:
-            prefix = None if params.mask_prompt else self._prompt_cache(trial.prompt_tokens)
+            prefix = None if params.mask_prompt else self._prompt_prefix(trial.prompt_tokens)
             answers: dict[tuple, str] = {}  # a head set masked twice (K capped alike) is decoded once
             for plan in plans:
                 conditions = [("top", 0, plan.top)] if plan.draws else []
@@ -547,7 +547,7 @@ class Retrieval(Detector):
                             "heads": " ".join(head_label(*lh) for lh in heads), "mask": params.mask, "mask_prompt": params.mask_prompt,
                         }
                     )
-        return pd.DataFrame(rows, columns=RETRIEVAL_ABLATION.column_names[3:]) if rows else RETRIEVAL_ABLATION.empty_frame().iloc[:, 3:]
+        return pd.DataFrame(rows, columns=RETRIEVAL_ABLATION.column_names[3:]) if rows else RETRIEVAL_ABLATION.empty_rows()
 
     def _masking(self, ablation: pd.DataFrame, plans: list[MaskingPlan], n_trials: int, reason: str) -> tuple[pd.DataFrame, list[Claim]]:
         """The paired contrast per K and control: per trial, top accuracy minus the control's mean over
@@ -589,13 +589,13 @@ class Retrieval(Detector):
         ]
         return frame, claims
 
-    def _prompt_cache(self, prompt_tokens: Tensor):
-        """KV cache of every prompt token but the last, unmasked: with decoding-only masking every
-        condition shares it, as the reference prefilled once and masked from the last prompt token on.
-        It keeps every key (``Model.prefix_cache``), so masks apply at absolute positions past Gemma 3's window."""
-        return self.model.prefix_cache(prompt_tokens[:-1])
+    def _prompt_prefix(self, prompt_tokens: Tensor) -> Prefix:
+        """Every prompt token but the last, run once unmasked: with decoding-only masking every condition
+        shares it, as the reference prefilled once and masked from the last prompt token on. It keeps
+        every key (``Model.run_prefix``), so masks apply at absolute positions past Gemma 3's window."""
+        return self.model.run_prefix(prompt_tokens[:-1])
 
-    def _masked_answer(self, trial: Trial, heads: list[tuple[int, int]], prefix=None) -> str:
+    def _masked_answer(self, trial: Trial, heads: list[tuple[int, int]], prefix: Prefix | None = None) -> str:
         params = self.params
         n_prompt = len(trial.prompt_tokens)
         positions = None if params.mask_prompt else list(range(n_prompt - 1, n_prompt - 1 + params.max_new_tokens))
@@ -604,9 +604,8 @@ class Retrieval(Detector):
         for layer, head in heads:
             by_layer.setdefault(layer, []).append(head)
         interventions = [edit(layer, layer_heads, positions) for layer, layer_heads in sorted(by_layer.items())]
-        cache = copy.deepcopy(prefix) if prefix is not None else None
         with session(self.model, interventions=interventions):
-            return generate(self.model, trial.prompt_tokens, max_new_tokens=params.max_new_tokens, past_key_values=cache).text
+            return generate(self.model, trial.prompt_tokens, max_new_tokens=params.max_new_tokens, prefix=prefix).text
 
     def _summary(self, scores: pd.DataFrame, counted: Tensor, interval_method: str, masking_claims: list[Claim]) -> Report:
         params = self.params

@@ -40,7 +40,7 @@ from torch import Tensor
 from lens._capture.interventions import ScaleSinks
 from lens._capture.needs import AttentionBlock, AttentionRows, LogitChunks, Logits, Residual
 from lens._capture.session import capture
-from lens._store.schema import Column, ReportSchema
+from lens._store.schema import HEAD, LAYER, Column, ReportSchema
 from lens._store.store import Report
 from metrics.attention import key_importance, prefix_mass, queries_seeing, received_attention
 from metrics.hidden import cosine_to_position, median_magnitude, position_norms, top_magnitudes
@@ -71,8 +71,8 @@ SINKS = ReportSchema(
     "sinks",
     "Head-level first-token sinks (Gu et al. 2025).",
     (
-        Column("layer", "int64", "layer index, from 0"),
-        Column("head", "int64", "query-head index within the layer, from 0"),
+        LAYER,
+        HEAD,
         Column("sink_score", "float64", "importance of the first token (attention on it, mean over all query positions), mean over prompts"),
         Column("ci_low", "float64", "lower end of the 95% bootstrap interval of sink_score over prompts (NaN with one prompt)", nullable=True),
         Column("ci_high", "float64", "upper end of that interval", nullable=True),
@@ -91,8 +91,8 @@ SINK_TOKENS = ReportSchema(
     "Token-level attention sinks per head (ACT): keys whose mean received attention exceeds tau.",
     (
         PROBE,
-        Column("layer", "int64", "layer index, from 0"),
-        Column("head", "int64", "query-head index within the layer, from 0"),
+        LAYER,
+        HEAD,
         POSITION,
         TOKEN,
         Column("score", "float64", "attention the key receives, summed over the queries that see it, divided by their number (T - position); > tau"),
@@ -455,7 +455,7 @@ class Sinks(Detector):
         reports = [Report("sinks", frame)]
         for schema in self.reports[1:]:
             parts = [part for part in self._rows[schema.name] if len(part)]
-            body = pd.concat(parts, ignore_index=True) if parts else schema.empty_frame().drop(columns=["run_id", "model", "detector"])
+            body = pd.concat(parts, ignore_index=True) if parts else schema.empty_rows()
             reports.append(Report(schema.name, body))
         frames = {r.type: r.frame for r in reports}
         return reports + [summary_report(self._summary(importance, frames))]

@@ -17,13 +17,16 @@ starts with BOS never gets a second one. ``bridge.to_tokens`` prepends the token
 
 from __future__ import annotations
 
+import copy
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from lens._capture.attention import ATTENTION_IMPLEMENTATION, register_attention
@@ -129,14 +132,54 @@ class Model:
         """The decoder layers (where TransformerLens's adapter says they are)."""
         return self.adapter.layers(self.hf)
 
-    def unembed(self, hidden: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch vocab"]:
-        """Logits of final (normed) hidden states: the unembedding, the logit scale, the soft-capping."""
-        logits = self.adapter.unembed(self.hf)(hidden)
+    def unembed(self, hidden: Float[Tensor, "*batch d_model"], rows: Int[Tensor, " row"] | None = None) -> Float[Tensor, "*batch vocab"]:
+        """Logits of final (normed) hidden states: the unembedding, the logit scale, the soft-capping;
+        with ``rows``, only those vocabulary entries' logits (the LM head runs on those rows alone)."""
+        head = self.adapter.unembed(self.hf)
+        if rows is None:
+            logits = head(hidden)
+        else:
+            rows = rows.to(head.weight.device)
+            logits = torch.nn.functional.linear(hidden, head.weight[rows], None if head.bias is None else head.bias[rows])
         if self.info.logit_scale != 1.0:
             logits = logits * self.info.logit_scale
         if self.info.logit_softcap is not None:
             logits = torch.tanh(logits / self.info.logit_softcap) * self.info.logit_softcap
         return logits
+
+    def embed(self, ids: Int[Tensor, "*batch pos"]) -> Float[Tensor, "*batch pos d_model"]:
+        """Input embeddings of token ids, as the model computes them (any embedding scale included)."""
+        return self.adapter.embed(self.hf)(ids.to(self.device))
+
+    @contextmanager
+    def embeddings_replaced(self, embeddings: Float[Tensor, "batch pos d_model"]) -> Iterator[None]:
+        """Inside the block, the embedding layer returns ``embeddings`` whatever tokens it is given: forward
+        passes from edited or interpolated inputs (integrated gradients), with capture as usual."""
+        handle = self.adapter.embed(self.hf).register_forward_hook(lambda _module, _inputs, output: embeddings.to(output))
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def attention(self, layer: int) -> torch.nn.Module:
+        """Layer ``layer``'s attention module (its q/k/v projections: ``q_proj``, ``k_proj``, ``v_proj``)."""
+        return self.adapter.attention(self.layers()[layer])
+
+    def attention_scale(self, layer: int) -> float:
+        """The factor layer ``layer`` multiplies query-key dot products by."""
+        return float(self.attention(layer).scaling)
+
+    def run_prefix(self, tokens: Int[Tensor, " pos"]) -> Prefix:
+        """Run a prompt prefix once, to continue it many times (``continuing``, ``lens.generate(prefix=)``)."""
+        return Prefix(self.prefix_cache(tokens))
+
+    @contextmanager
+    def continuing(self, prefix: Prefix | None) -> Iterator[Continuation]:
+        """``run(tokens)`` inside the block gives the final hidden states of ``tokens`` ``[batch, pos]`` read
+        after ``prefix`` (None: from the start), under any active capture session. The prefix's cache is
+        repeated over a batch once per batch size and cropped back after each run, so successive
+        batches reuse it; the repeated copy is dropped when the block ends."""
+        yield Continuation(self, prefix)
 
     def token_strings(self, ids: Tensor) -> list[str]:
         return [self.tokenizer.decode([i]) for i in ids.tolist()]
@@ -160,6 +203,42 @@ class Model:
             f"Model({i.name}: {i.n_layers} layers x {i.n_heads} heads ({i.n_kv_heads} KV), d_head={i.d_head}, "
             f"n_ctx={i.n_ctx}, fingerprint={i.fingerprint})"
         )
+
+
+@dataclass
+class Prefix:
+    """A prompt prefix run once (``Model.run_prefix``): its KV cache, with every key kept so it can be
+    continued inside a capture session and cropped back to the prefix."""
+
+    cache: object
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.cache.layers for t in (layer.keys, layer.values))
+
+
+@dataclass
+class Continuation:
+    """Runs token batches after a prefix (``Model.continuing``)."""
+
+    model: Model
+    prefix: Prefix | None
+    _batched: tuple[int, object] | None = None  # (batch size, the prefix cache repeated over it)
+
+    def __call__(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        decoder = self.model.hf.get_decoder()
+        tokens = tokens.to(self.model.device)
+        if self.prefix is None:
+            return decoder(input_ids=tokens, use_cache=False).last_hidden_state
+        if self._batched is None or self._batched[0] != tokens.shape[0]:
+            cache = copy.deepcopy(self.prefix.cache)
+            cache.batch_repeat_interleave(tokens.shape[0])
+            self._batched = (tokens.shape[0], cache)
+        cache = self._batched[1]
+        try:
+            return decoder(input_ids=tokens, past_key_values=cache, use_cache=True).last_hidden_state
+        finally:
+            cache.crop(-tokens.shape[1])  # back to the prefix for the next batch
 
 
 def _resolve(name: str) -> tuple[Path | str, str, str]:

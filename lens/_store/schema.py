@@ -24,6 +24,10 @@ class Column:
     nullable: bool = False
 
 
+# Columns of every per-head report, declared once.
+LAYER = Column("layer", "int64", "layer index, from 0")
+HEAD = Column("head", "int64", "query-head index within the layer, from 0")
+
 # Every row of every report carries these; the store adds them from the report's metadata.
 STAMP_COLUMNS = (
     Column("run_id", "string", "census run that wrote the row"),
@@ -55,6 +59,10 @@ class ReportSchema:
 
     def empty_frame(self) -> pd.DataFrame:
         return pd.DataFrame({c.name: pd.Series(dtype=_PANDAS[c.dtype]) for c in self.all_columns})
+
+    def empty_rows(self) -> pd.DataFrame:
+        """A report with no rows, as a detector returns it: its own columns, without the stamp columns."""
+        return self.empty_frame()[[c.name for c in self.columns]]
 
     def pandera_schema(self) -> pa.DataFrameSchema:
         return pa.DataFrameSchema(

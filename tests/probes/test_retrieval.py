@@ -217,7 +217,7 @@ def test_presets_and_needle_set():
     assert sum(len(p) for p in prose_paragraphs()) > 100_000
 
 
-def test_shared_prompt_cache_equals_masked_generation_from_scratch(smollm2):
+def test_shared_prompt_prefix_equals_masked_generation_from_scratch(smollm2):
     detector = Retrieval(smollm2, RetrievalParams(lengths=[150], depths=[0.5], max_new_tokens=12))
     probe = detector.builtin_probes()[0]
     tokens = detector.tokens(probe["prompt"])
@@ -226,10 +226,10 @@ def test_shared_prompt_cache_equals_masked_generation_from_scratch(smollm2):
         forward.done()
     trial = detector.trials[0]
     heads = [(18, 6), (17, 4), (17, 3)]
-    shared = detector._masked_answer(trial, heads, detector._prompt_cache(tokens))
+    shared = detector._masked_answer(trial, heads, detector._prompt_prefix(tokens))
     assert shared == detector._masked_answer(trial, heads)
     detector.params.mask = "output"
-    assert detector._masked_answer(trial, heads, detector._prompt_cache(tokens)) == detector._masked_answer(trial, heads)
+    assert detector._masked_answer(trial, heads, detector._prompt_prefix(tokens)) == detector._masked_answer(trial, heads)
 
 
 def test_views_draw_intervals_and_say_n(short_census):
