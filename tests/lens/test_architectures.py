@@ -28,7 +28,7 @@ def tiny(request, tokenizer, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     folder = tmp_path_factory.mktemp(request.param)
-    build_tiny(request.param, folder, tokenizer)
+    build_tiny(request.param, folder, tokenizer, max_position_embeddings=2048)  # room for retrieval's probes
     reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
     return lens.load(str(folder)), reference
 
@@ -103,9 +103,15 @@ def test_q_k_v_projections_are_named_or_fused(tiny):
         assert q.out_features == model.info.n_heads * model.info.d_head and k.out_features == model.info.n_kv_heads * model.info.d_head
 
 
-def test_a_small_sinks_census_runs(tiny):
+def test_a_census_of_every_detector_runs(tiny):
     model, _ = tiny
-    result = lens.census(model, ["sinks"], limit=1)
+    # circuits patches each head's slice of the q/k/v projections: architectures that fuse them are refused
+    # (test_q_k_v_projections_are_named_or_fused).
+    detectors = [name for name in lens.detectors() if name != "circuits" or model.adapter.projection_names is not None]
+    result = lens.census(model, detectors, limit=1)
+    assert sorted(result.reports) == sorted(detectors)
+    for name in detectors:
+        assert "summary" in {report.type for report in result.reports[name]}, name
     frames = {report.type: report.frame for report in result.reports["sinks"]}
     assert len(frames["sinks"]) == model.info.n_layers * model.info.n_heads
     assert frames["sinks"]["layer"].nunique() == model.info.n_layers
