@@ -88,13 +88,13 @@ def _transformer_lens_adapters() -> dict[str, type]:
     return dict(SUPPORTED_ARCHITECTURES)
 
 
-def _causal_lm_classes() -> dict[str, type]:
-    """transformers' causal-LM classes by name (the classes ``AutoModelForCausalLM`` builds)."""
-    import transformers
+@functools.cache
+def _causal_lm_names() -> frozenset[str]:
+    """The names of transformers' causal-LM classes (those ``AutoModelForCausalLM`` builds), without
+    importing their modules."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    names = {name for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for name in ([value] if isinstance(value, str) else value)}
-    return {name: getattr(transformers, name) for name in names if hasattr(transformers, name)}
+    return frozenset(name for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for name in ([value] if isinstance(value, str) else value))
 
 
 def _attention_blocks(tl_adapter):
@@ -130,10 +130,9 @@ def _check(architecture: str, hf_config=None):
         return None, "it is not a generative decoder"
     if not hasattr(transformers, architecture):
         return None, "transformers has no class of that name (remote code)"
-    causal_lms = _causal_lm_classes()
-    if architecture not in causal_lms:
+    if architecture not in _causal_lm_names():
         return None, "it is not a decoder-only causal LM"
-    model_class = causal_lms[architecture]
+    model_class = getattr(transformers, architecture)
     if not getattr(model_class, "_supports_attention_backend", False):
         return None, "its attention does not go through transformers' attention-function interface, which capture needs"
     hf_config = model_class.config_class() if hf_config is None else hf_config
