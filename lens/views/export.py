@@ -29,7 +29,7 @@ from lens.views.style import PX_PER_IN
 
 IMAGE_FORMATS = ("pdf", "svg", "png")
 FORMATS = (*IMAGE_FORMATS, "csv")
-TABLE_COLUMNS = ("trace", "name", "type", "panel", "x", "y", "z", "y_low", "y_high", "x_low", "x_high", "text")
+TABLE_COLUMNS = ("trace", "name", "type", "panel", "x", "y", "z", "base", "y_low", "y_high", "x_low", "x_high", "text")
 DEFAULT_DPI = 300
 
 
@@ -97,7 +97,7 @@ def export(figures: go.Figure | Sequence[go.Figure], paths: str | Path | Sequenc
 def figure_table(fig: go.Figure) -> pd.DataFrame:
     """The data a figure draws, one row per point (a heatmap: one per cell), in ``TABLE_COLUMNS``:
     ``trace`` (its index) and ``name``, its plotly ``type``, the ``panel`` (axes) it is drawn in, the
-    coordinates ``x``, ``y`` and ``z``, error bars as absolute ends (``y_low``/``y_high``,
+    coordinates ``x``, ``y`` and ``z``, a bar's ``base`` where it does not start at 0, error bars as absolute ends (``y_low``/``y_high``,
     ``x_low``/``x_high``) and the point's ``text``. A filled band is the outline it draws (its upper
     edge, then the lower edge backwards). Legend-only entries (no points) have no rows; reference lines
     across a panel (a threshold) are rows of type ``hline`` (``y``) or ``vline`` (``x``)."""
@@ -135,6 +135,9 @@ def _trace_table(index: int, trace) -> pd.DataFrame:
                 minus = np.asarray(error.arrayminus, dtype=float) if error.arrayminus is not None and not error.symmetric else plus
                 centre = np.asarray(columns[axis], dtype=float)
                 columns[f"{axis}_low"], columns[f"{axis}_high"] = centre - minus, centre + plus
+        base = getattr(trace, "base", None)
+        if base is not None:  # a bar from base to base + length (a span, such as layers)
+            columns["base"] = list(base) if np.ndim(base) else [base] * n
         text = getattr(trace, "text", None)
         if text is not None and not isinstance(text, str):
             columns["text"] = list(text)

@@ -74,14 +74,17 @@ def test_figure_table_on_planted_traces():
     fig.add_trace(go.Bar(x=["L0.H1", "L2.H3"], y=[0.5, 0.25], name="score",
                          error_y=dict(type="data", symmetric=False, array=[0.1, 0.05], arrayminus=[0.2, 0.05])))
     fig.add_trace(go.Heatmap(z=[[1.0, 2.0, np.nan], [4.0, 5.0, 6.0]], x=[0, 1, 2], y=[10, 11], xaxis="x2", yaxis="y2"))
+    fig.add_trace(go.Bar(y=["token a"], x=[3], base=[4.5], orientation="h", name="span"))
     add_threshold(fig, 0.3, "eps")  # a dashed line and a legend-only trace
     table = figure_table(fig)
     assert list(table.columns) == list(TABLE_COLUMNS)
-    bars = table[table["type"] == "bar"]
+    bars = table[table["trace"] == 0]
     assert bars[["x", "y", "y_low", "y_high"]].values.tolist() == [["L0.H1", 0.5, 0.3, 0.6], ["L2.H3", 0.25, 0.2, 0.3]]
     cells = table[table["type"] == "heatmap"]
     assert len(cells) == 6 and set(cells["panel"]) == {"x2/y2"}
     assert cells.set_index(["y", "x"])["z"].loc[(11, 2)] == 6.0 and np.isnan(cells.set_index(["y", "x"])["z"].loc[(10, 2)])
+    span = table[table["name"] == "span"]
+    assert span[["y", "x", "base"]].values.tolist() == [["token a", 3, 4.5]]
     assert table[table["type"] == "hline"]["y"].tolist() == [0.3]
     assert "eps 0.3" not in set(table["name"]), "the legend-only entry has no points"
 
