@@ -44,7 +44,8 @@ class ArchitectureAdapter:
     mlp_write_name: str
     final_norm_path: str | None  # None: no final norm (OPT-350m projects instead)
     # The attention's separate q, k and v projections, relative to the attention module; None where one
-    # fused projection computes all three (GPT-2's c_attn, GPT-NeoX's query_key_value, Phi-3's qkv_proj).
+    # fused projection computes all three (GPT-2's c_attn, GPT-NeoX's query_key_value, Phi-3's qkv_proj)
+    # or TransformerLens maps them otherwise (DeepSeek's low-rank queries and keys).
     projection_names: tuple[str, str, str] | None
     fused_projection_name: str | None
     unembed_path: str
@@ -59,9 +60,8 @@ class ArchitectureAdapter:
     def projection(self, attention: nn.Module, kind: str) -> nn.Module:
         """The ``kind`` ("q", "k" or "v") projection of an attention module, where it is a module of its own."""
         if self.projection_names is None:
-            raise UnsupportedArchitectureError(
-                f"{self.architecture} computes q, k and v in one fused projection ({self.fused_projection_name}), not one module each"
-            )
+            fused = f" (one fused projection: {self.fused_projection_name})" if self.fused_projection_name else ""
+            raise UnsupportedArchitectureError(f"{self.architecture} has no separate q, k and v projection modules{fused}")
         return attention.get_submodule(self.projection_names["qkv".index(kind)])
 
     def attention_write(self, layer: nn.Module) -> nn.Module:
@@ -182,7 +182,7 @@ def adapter_for(hf_config, architecture: str):
         attention_write_name=(parts.get("ln1_post") or parts["attn"]).name,
         mlp_write_name=mlp_write.name,
         final_norm_path=None if final_norm is None else final_norm.name,
-        projection_names=None if fused is not None else tuple(attention_parts[kind].name for kind in "qkv"),
+        projection_names=tuple(attention_parts[kind].name for kind in "qkv") if fused is None and set("qkv") <= set(attention_parts) else None,
         fused_projection_name=None if fused is None else fused.name,
         unembed_path=mapping["unembed"].name,
         embed_path=mapping["embed"].name,

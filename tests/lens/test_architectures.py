@@ -96,7 +96,7 @@ def test_q_k_v_projections_are_named_or_fused(tiny):
     model, _ = tiny
     attention = model.adapter.attention(model.layers()[0])
     if model.adapter.projection_names is None:  # GPT-2, GPT-NeoX, Phi-3
-        with pytest.raises(UnsupportedArchitectureError, match=f"{model.info.architecture} computes q, k and v in one fused projection"):
+        with pytest.raises(UnsupportedArchitectureError, match=f"{model.info.architecture} has no separate q, k and v projection modules .one fused projection"):
             model.adapter.projection(attention, "q")
     else:
         q, k = model.adapter.projection(attention, "q"), model.adapter.projection(attention, "k")
