@@ -14,7 +14,8 @@ import plotly.graph_objects as go
 import pytest
 
 from lens._cli import main
-from lens.views import render
+from lens.views import VIEWS, available_views, render
+from lens.views._registry import run_report_types
 from lens.views.charts import add_threshold
 from lens.views.export import TABLE_COLUMNS, figure_table, find_browser
 from lens.views.style import PAPER_FONT_FAMILY, PAPER_FONT_PT, PAPER_TITLE_PT, PAPER_WIDTHS_IN, PX_PER_IN, paper_styled, pt_to_px, styled
@@ -87,6 +88,19 @@ def test_figure_table_on_planted_traces():
     assert span[["y", "x", "base"]].values.tolist() == [["token a", 3, 4.5]]
     assert table[table["type"] == "hline"]["y"].tolist() == [0.3]
     assert "eps 0.3" not in set(table["name"]), "the legend-only entry has no points"
+
+
+@pytest.mark.parametrize("name", available_views())
+def test_every_view_has_a_paper_form_and_a_data_table(census_run, name):
+    store, run_id = census_run
+    types = run_report_types(store, run_id)
+    if not VIEWS[name].applies_to(types):
+        pytest.skip(f"{name} does not apply to a run with {types}")
+    paper = paper_styled(render(store, name, run_id=run_id))
+    assert paper.layout.width in {round(w * PX_PER_IN) for w in PAPER_WIDTHS_IN.values()}
+    _assert_paper_fonts(paper)
+    table = figure_table(paper)
+    assert len(table) and table[["x", "y"]].notna().any().all(), "the table holds the figure's points"
 
 
 @needs_browser
