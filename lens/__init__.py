@@ -5,7 +5,8 @@ Public surface (implementation modules are private):
 - ``load(name, device=, dtype=)`` -> ``Model`` (``.hf``, ``.bridge``, ``.tokenizer``, ``.info``); ``name`` a catalog name
   (``known_models()``), a local Hugging Face folder of a supported architecture, or a TransformerLens ``TransformerBridge``
 - capture: ``capture(model, tokens, needs, interventions, hooks={TransformerLens hook name: fn})`` with needs ``AttentionRows``, ``Residual``,
-  ``Logits`` and interventions ``ZeroQuery``, ``AddToQuery``, ``ScaleSinks``, ``ReplaceZ``
+  ``Logits`` and interventions ``ZeroQuery``, ``AddToQuery``, ``ScaleSinks``, ``ReplaceZ``;
+  ``run_passes(model, passes)``: many independent passes, batched by length
 - store: ``ReportStore(path)``, ``Report``
 - census: ``census(model)`` (every detector, a temporary store; ``result.show(view)``, ``result.save(path)``),
   ``detectors()``; views: ``lens.views.render(store, name, run_id=...)``
@@ -14,6 +15,7 @@ Public surface (implementation modules are private):
 
 from lens._capture.interventions import AddToQuery, Intervention, ReplaceZ, ScaleSinks, ZeroQuery
 from lens._capture.needs import AttentionBlock, AttentionRows, LogitChunks, Logits, Residual
+from lens._capture.batch import run_passes
 from lens._capture.session import capture, session
 from lens._models.catalog import DEFAULT_MODEL, cache_root, known_models
 from lens._models.errors import UnsupportedArchitectureError
@@ -32,6 +34,7 @@ _LAZY = {
     "CensusResult": ("lens._census", "CensusResult"),
     "CensusInterrupted": ("lens._census", "CensusInterrupted"),
     "census": ("lens._census", "census"),
+    "census_seeds": ("lens._census", "census_seeds"),
     "attention_explorer": ("lens._explorer", "attention_explorer"),
     "show_attention": ("lens._explorer", "show_attention"),
     "views": ("lens.views", None),
@@ -67,6 +70,7 @@ __all__ = [
     "SchemaMismatchError",
     "StoreError",
     "census",
+    "census_seeds",
     "chat_prompt",
     "generate",
     "Generation",
@@ -94,5 +98,6 @@ __all__ = [
     "capture",
     "known_models",
     "load",
+    "run_passes",
     "session",
 ]

@@ -32,6 +32,7 @@ from lens._models.model import BOS_POLICIES
 from lens._probe_file import read_probe_file, probe_set_hash
 from lens._store.store import Report, ReportStore
 from lens._units import Checkpoints, DetectorSpec, ProgressCallback, Unit, map_units, reduce_detector
+from metrics.uncertainty import pool_seeds
 from probes._base import ProbeError
 
 _VERSIONED = ("torch", "transformers", "transformer-lens", "lens-workbench", "numpy", "pandas", "pyarrow", "duckdb")
@@ -334,6 +335,50 @@ class _Job:
             reducers[name].stage_results[stage] = output
             self._finished(f"{name} {stage}")
         return reducers
+
+
+def census_seeds(model, detectors: Sequence[str] | None = None, store: ReportStore | str | Path | None = None, *,
+                 seeds: Sequence[int] = (0, 1, 2), **options) -> tuple[list[CensusResult], CensusResult]:
+    """The same census under each of ``seeds`` (everything stochastic: random control draws, probe
+    sampling, training), then one more run holding only the ``summary`` with each claim pooled over
+    the seeds (``metrics.uncertainty.pool_seeds``: mean estimate, union of the intervals, largest
+    p-value). Each seed's run is an ordinary run (resumable, with every report); returns them and
+    the pooled run."""
+    if len(set(seeds)) < 2:
+        raise ProbeError(f"seeds must be at least two different seeds, got {list(seeds)}")
+    if store is None:
+        store = ReportStore(tempfile.mkdtemp(prefix="lens-store-"))
+    store = store if isinstance(store, ReportStore) else ReportStore(store)
+    per_seed = [census(model, detectors, store, seed=seed, **options) for seed in seeds]
+    run_ids = [r.run_id for r in per_seed]
+    pooled_id = f"{model.name.replace('/', '_')}-pooled-{hashlib.sha256(' '.join(run_ids).encode()).hexdigest()[:12]}"
+    pooled = CensusResult(pooled_id, model.name, store)
+    summaries = store.read("summary", run_id=run_ids)
+    seed_of = {run_id: seed for run_id, seed in zip(run_ids, seeds)}
+    for name in per_seed[0].reports:
+        claims = summaries[summaries["detector"] == name]
+        rows = [_pooled_claim(claim, group, seed_of) for claim, group in claims.groupby("claim", sort=False)]
+        frame = pd.DataFrame(rows, columns=[c for c in claims.columns if c not in ("run_id", "model", "detector")])
+        manifest = store.runs(run_id=run_ids[0], detector=name).drop(columns=["run_id", "model", "detector"]).iloc[[0]]
+        manifest = manifest.assign(seed=-1, reports="summary", finished_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+        reports = [Report("summary", frame)]
+        _write_detector(store, model, pooled_id, name, reports, manifest.iloc[0].to_dict())
+        pooled.reports[name] = _stored_reports(store, pooled_id, name)
+        pooled.summary[name] = detector_registry.get(name).summary_lines(pooled.reports[name])
+    return per_seed, pooled
+
+
+def _pooled_claim(claim: str, group: pd.DataFrame, seed_of: Mapping[str, int]) -> dict:
+    estimate, low, high, p_value = pool_seeds(*(group[c].to_numpy(dtype=float) for c in ("estimate", "ci_low", "ci_high", "p_value")))
+    seeds = ",".join(str(seed_of[r]) for r in group["run_id"])
+    spread = float(group["estimate"].std(ddof=1)) if len(group) > 1 else float("nan")
+    first = group.iloc[0]
+    return {
+        "claim": claim, "estimate": estimate, "ci_low": low, "ci_high": high, "n": int(group["n"].min()), "unit": first["unit"],
+        "p_value": p_value,
+        "method": f"{first['method']}; pooled over seeds {seeds}: mean estimate, union of the intervals, largest p",
+        "detail": f"{first['detail']} (between-seed SD {spread:.3g})",
+    }
 
 
 def _write_detector(store: ReportStore, model, run_id: str, name: str, reports: list[Report], manifest: dict) -> None:

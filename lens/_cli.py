@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     census.add_argument("--probes-file", default=None, help="JSON Lines probe file; default: each detector's built-in probes")
     census.add_argument("--limit", type=int, default=None, help="use only the first N probes of each detector")
     census.add_argument("--seed", type=int, default=0)
+    census.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                        help="run the census once per seed, then a run whose summary pools each claim over the seeds")
     census.add_argument("--preset", choices=("quick", "full"), default="quick",
                         help="quick (default): every detector in minutes on a laptop CPU; full: research-scale probe sets and grids")
     census.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -119,8 +121,15 @@ def _cmd_census(args) -> int:
 
     if args.workers < 1:
         raise probes.ProbeError("--workers must be at least 1")
+    seeds = None
+    if args.seeds is not None:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise probes.ProbeError(f"--seeds must be integers separated by commas, got {args.seeds!r}") from None
     try:
-        result = lens.census(
+        run = lens.census if seeds is None else (lambda *a, seed, **k: lens.census_seeds(*a, seeds=seeds, **k)[1])
+        result = run(
             model,
             detectors,
             args.store,

@@ -224,3 +224,17 @@ def _bootstrap(data, statistic, seed: int, confidence: float, n_resamples: int) 
         if not (math.isnan(low) or math.isnan(high)):
             return low, high, f"{method} bootstrap {confidence:.0%} interval, {n_resamples} resamples, seed {seed}"
     return math.nan, math.nan, "bootstrap undefined"
+
+
+def pool_seeds(
+    estimates: Float[np.ndarray, " seed"], lows: Float[np.ndarray, " seed"], highs: Float[np.ndarray, " seed"], p_values: Float[np.ndarray, " seed"]
+) -> tuple[float, float, float, float]:
+    """One claim measured under several seeds (random controls, probe sampling, training) as one:
+    the mean estimate; the union of the per-seed 95% intervals, so the pooled interval covers every
+    seed's (conservative: it widens with the spread between seeds); and the largest p-value, so the
+    pooled claim rejects its null only if every seed does. NaN bounds or p-values stay NaN."""
+    estimate = float(np.nanmean(estimates)) if np.isfinite(estimates).any() else math.nan
+    low = float(np.min(lows)) if np.isfinite(lows).all() else math.nan
+    high = float(np.max(highs)) if np.isfinite(highs).all() else math.nan
+    p_value = float(np.max(p_values)) if np.isfinite(p_values).all() else math.nan
+    return estimate, low, high, p_value

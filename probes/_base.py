@@ -232,10 +232,10 @@ class Detector:
                 raise ProbeError(f"detector {cls.name!r} has no parameter {key!r}; parameters: {sorted(names)}")
             adapter = TypeAdapter(hints[key])
             try:
-                values[key] = adapter.validate_json(text)
+                values[key] = adapter.validate_json(text, strict=True)
             except ValidationError as as_json:
                 try:
-                    values[key] = adapter.validate_python(text)
+                    values[key] = adapter.validate_python(text, strict=True)
                 except ValidationError as as_text:
                     # Not JSON at all: the plain-text reading says what is wrong; else the JSON one does.
                     error = as_text if as_json.errors()[0]["type"] == "json_invalid" else as_json
@@ -310,7 +310,8 @@ class Detector:
             self.stage_results[name] = self.run_stage(name)
         return self.stage_results[name]
 
-    def summary_lines(self, reports: list[Report]) -> list[str]:
+    @staticmethod
+    def summary_lines(reports: list[Report]) -> list[str]:
         """One-line headline claims for the CLI's closing table: estimate [interval], n and p."""
         summary = [r for r in reports if r.type == "summary"]
         if not summary:

@@ -90,3 +90,14 @@ def test_cluster_interval_of_a_ratio_of_sums_covers_the_truth():
     # without it, the function's own check (a ValueError).
     with pytest.raises((ValueError, TypeError), match="unit"):
         cluster_interval(ratio, np.ones(3), np.ones(4))
+
+
+def test_pool_seeds_takes_the_mean_the_union_and_the_largest_p():
+    import numpy as np
+
+    from metrics.uncertainty import pool_seeds
+
+    estimate, low, high, p = pool_seeds(np.array([0.2, 0.4]), np.array([0.1, 0.3]), np.array([0.3, 0.6]), np.array([0.01, 0.2]))
+    assert (estimate, low, high, p) == (pytest.approx(0.3), 0.1, 0.6, 0.2)
+    nan = float("nan")
+    assert all(map(np.isnan, pool_seeds(np.array([1.0, 2.0]), np.array([nan, 0.0]), np.array([nan, 3.0]), np.array([nan, nan]))[1:]))

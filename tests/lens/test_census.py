@@ -1,0 +1,178 @@
+"""The census as a batch job: sharded units give the same reports, an interrupted run resumes without
+recomputing finished units, a killed process leaves a readable store, Ctrl-C stops after the unit,
+and concurrent censuses into one store lose no row."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import lens
+import probes
+from lens._units import unfinished_runs
+
+ROOT = Path(__file__).resolve().parents[2]
+@pytest.fixture(scope="module")
+def uninterrupted(smollm2, small_census, tmp_path_factory):
+    """One real census in one unit per detector: the reference every other run must equal."""
+    store = lens.ReportStore(tmp_path_factory.mktemp("whole") / "store")
+    result = lens.census(smollm2, store=store, shard_size=100, **small_census)
+    return store, result
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_interrupted_census_resumes_without_recomputing(smollm2, small_census, same_reports, uninterrupted, tmp_path):
+    reference_store, reference = uninterrupted
+    store = lens.ReportStore(tmp_path / "store")
+    seen = []
+
+    def crash_after_four(done, total, phase):
+        seen.append(phase)
+        if done == 4:
+            raise Crash("the process dies after its fourth unit")
+
+    with pytest.raises(Crash):
+        lens.census(smollm2, store=store, shard_size=1, on_progress=crash_after_four, **small_census)
+    assert store.runs().empty  # nothing finished, nothing reported
+    [unfinished] = unfinished_runs(store)
+    assert unfinished["units_done"] == 4 and unfinished["run_id"] == reference.run_id  # the identity ignores sharding
+
+    phases = []
+    resumed = lens.census(smollm2, store=store, shard_size=1, on_progress=lambda d, t, p: phases.append(p), **small_census)
+    assert resumed.run_id == reference.run_id
+    assert resumed.resumed_units == 4
+    # 9 probe shards + 1 stage + 3 reduces, of which 4 were kept.
+    assert resumed.units_run == 9 + 1 + 3 - 4
+    assert "retrieval masking" in phases and "sinks reduce" in phases
+    assert unfinished_runs(store) == [] and not (store.path / "units" / resumed.run_id).exists()
+    # Three shards of one probe each give the reports of one shard of three.
+    same_reports(store, resumed.run_id, reference_store, reference.run_id)
+
+    again = lens.census(smollm2, store=store, **small_census)
+    assert again.units_run == 0 and again.run_id == resumed.run_id  # finished: nothing is recomputed
+    fresh = lens.census(smollm2, ["sinks"], store, limit=1, fresh=True)
+    other = lens.census(smollm2, ["sinks"], store, limit=1, fresh=True)
+    assert fresh.run_id != other.run_id and fresh.units_run == other.units_run == 2
+
+
+def test_run_identity_follows_what_determines_results(smollm2, tmp_path):
+    store = lens.ReportStore(tmp_path / "store")
+    base = lens.census(smollm2, ["sinks"], store, limit=1).run_id
+    assert lens.census(smollm2, ["sinks"], store, limit=1, seed=1).run_id != base
+    assert lens.census(smollm2, ["sinks"], store, limit=1, params={"sinks": {"eps": "0.2"}}).run_id != base
+    assert lens.census(smollm2, ["sinks"], store, limit=2).run_id != base
+    with pytest.raises(probes.ProbeError, match="other settings"):
+        lens.census(smollm2, ["sinks"], store, limit=2, resume=base)
+
+
+def _cli(store: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "lens", "census", "--model", "tiny-llama", "--detectors", "sinks,preplan_anchor", "--limit", "4",
+            "--shard-size", "1", "--param", "preplan_anchor.max_new_tokens=16", "--store", str(store), *extra]
+
+
+def _all_files_readable(store: lens.ReportStore) -> int:
+    files = [f for f in store.path.rglob("*") if f.is_file() and ".tmp" not in f.parts and f.name != ".lock"]
+    for f in files:
+        if f.suffix == ".parquet":
+            pq.read_table(f)
+        elif f.suffix == ".pt":
+            torch.load(f, weights_only=False)
+    for report_type in store.report_types():
+        store.read(report_type)
+    return len(files)
+
+
+def test_sigkill_at_random_moments_loses_nothing(same_reports, tmp_path):
+    """20 kills at random moments of the work; every file stays readable, and the census run again
+    completes with the reports of an uninterrupted run, keeping every unit finished before."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    reference = lens.ReportStore(tmp_path / "reference")
+    started = time.perf_counter()
+    subprocess.run(_cli(reference.path), check=True, capture_output=True, env=env, cwd=ROOT)
+    whole = time.perf_counter() - started
+
+    store = lens.ReportStore(tmp_path / "killed")
+    rng = random.Random(0)
+    kept_before = 0
+    for _ in range(20):
+        process = subprocess.Popen(_cli(store.path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+        time.sleep(rng.uniform(0.3 * whole, whole))  # past start-up, anywhere in the units
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        _all_files_readable(store)
+        units = sum(1 for _ in (store.path / "units").rglob("*.pt")) if (store.path / "units").exists() else 0
+        finished = len(store.runs()) if "runs" in store.report_types() else 0
+        assert units >= kept_before or finished  # finished units are never lost (until the run finishes)
+        kept_before = units
+    final = subprocess.run(_cli(store.path), check=True, capture_output=True, text=True, env=env, cwd=ROOT)
+    if kept_before:
+        assert "resumed run" in final.stderr + final.stdout
+    [run_id] = set(store.runs()["run_id"])
+    [reference_id] = set(reference.runs()["run_id"])
+    assert run_id == reference_id
+    same_reports(store, run_id, reference, reference_id)
+    assert len(store.runs()) == 2  # one manifest row per detector, never two
+
+
+def test_ctrl_c_stops_after_the_unit_and_says_how_to_resume(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    store = tmp_path / "store"
+    process = subprocess.Popen(_cli(store), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    deadline = time.monotonic() + 300
+    while not list(store.glob("units/*/plan.json")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr
+    assert "resume with: lens census" in stderr and "Traceback" not in stderr
+    done = sum(1 for _ in store.rglob("*.pt"))
+    assert done >= 1  # the unit in progress finished and was kept
+    resumed = subprocess.run(_cli(store), capture_output=True, text=True, env=env, cwd=ROOT)
+    assert resumed.returncode == 0 and f"{done} finished units kept" in resumed.stderr + resumed.stdout
+
+
+def test_four_censuses_into_one_store_lose_no_row(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    store = lens.ReportStore(tmp_path / "store")
+    processes = [
+        subprocess.Popen([*_cli(store.path), "--seed", str(seed)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        for seed in range(4)
+    ]
+    for process in processes:
+        _, stderr = process.communicate(timeout=900)
+        assert process.returncode == 0, stderr
+    runs = store.runs()
+    assert runs["run_id"].nunique() == 4 and len(runs) == 8
+    sinks = store.read("sinks")
+    per_run = sinks.groupby("run_id").size()
+    assert len(per_run) == 4 and (per_run == per_run.iloc[0]).all()
+    assert len(store.read("summary").groupby(["run_id", "detector"])) == 8
+
+
+def test_seeds_are_pooled_claim_by_claim(smollm2, tmp_path):
+    store = lens.ReportStore(tmp_path / "store")
+    per_seed, pooled = lens.census_seeds(smollm2, ["sinks"], store, seeds=[0, 1], limit=2)
+    assert len({r.run_id for r in per_seed}) == 2
+    seeds = store.read("summary", run_id=[r.run_id for r in per_seed])
+    combined = store.read("summary", run_id=pooled.run_id).set_index("claim")
+    assert set(combined.index) == set(seeds["claim"])
+    for claim, group in seeds.groupby("claim"):
+        row = combined.loc[claim]
+        assert row["estimate"] == pytest.approx(group["estimate"].mean())
+        if group["ci_low"].notna().all():
+            assert row["ci_low"] == group["ci_low"].min() and row["ci_high"] == group["ci_high"].max()
+        assert "pooled over seeds 0,1" in row["method"]
+    manifest = store.runs(run_id=pooled.run_id)
+    assert list(manifest["seed"]) == [-1] and list(manifest["reports"]) == ["summary"]
