@@ -17,7 +17,9 @@ in its own process (peak RSS is per process):
   its cache cannot fit (``--memory-gb``).
 
 Usage: ``python benchmarks/census_cost.py [--lengths 512,2048,8192] [--detectors sinks,retrieval]
-[--param sinks.calibrate=false] [--device cuda] [--context 32768]``.
+[--param sinks.calibrate=false] [--without AttentionRows] [--device cuda] [--context 32768]``.
+``--without`` drops needs of those kinds from every pass (the bare replay follows the passes that
+remain): what a statistic costs, e.g. the sinks pass without its every-row attention sums.
 Prints one markdown table with seconds, peak memory (RSS; on CUDA also device memory) and ratios.
 """
 
@@ -161,6 +163,22 @@ def tl_statistics(model, cache, n_tokens: int):
     return mean_distance, output_norm
 
 
+def _drop_needs(detectors: list[str], kinds: list[str]) -> None:
+    """Make the detectors' passes ask for none of ``kinds`` (need class names, e.g. ``AttentionRows``):
+    what a census costs without those statistics (the reports built from them are then meaningless)."""
+    import probes
+
+    for name in detectors:
+        cls = probes.get(name)
+
+        def passes(self, probe, index, original=cls.passes):
+            for forward in original(self, probe, index):
+                forward.needs = [need for need in forward.needs if type(need).__name__ not in kinds]
+                yield forward
+
+        cls.passes = passes
+
+
 def child(mode: str, detectors: list[str], n_tokens: int, args) -> dict:
     import torch
 
@@ -172,6 +190,8 @@ def child(mode: str, detectors: list[str], n_tokens: int, args) -> dict:
         # Cost measurement only: outputs past the trained context are not meaningful.
         model.info = dataclasses.replace(model.info, n_ctx=args.context)
     params = probes.parse_param_flags(args.param)
+    if args.without:
+        _drop_needs(detectors, args.without.split(","))
     instances = {name: probes.get(name)(model, probes.get(name).parse_params(params.get(name, {}))) for name in detectors}
     probe_sets = {name: [probe_of_length(detector, n_tokens)] for name, detector in instances.items()}
     calls: list[dict] = []
@@ -217,7 +237,7 @@ def child(mode: str, detectors: list[str], n_tokens: int, args) -> dict:
 
 def _measure(mode: str, detectors: str, n_tokens: int, args, trace: str) -> dict | None:
     command = [sys.executable, __file__, "--child", mode, "--detectors", detectors, "--lengths", str(n_tokens), "--model", args.model,
-               "--device", args.device, "--trace", trace, "--context", str(args.context or 0)]
+               "--device", args.device, "--trace", trace, "--context", str(args.context or 0), "--without", args.without]
     command += [arg for param in args.param for arg in ("--param", param)]
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -237,6 +257,8 @@ def main() -> None:
     parser.add_argument("--memory-gb", type=float, default=20.0, help="skip tl runs whose cache would exceed this")
     parser.add_argument("--no-tl", action="store_true", help="skip the TransformerLens runs")
     parser.add_argument("--param", action="append", default=[], metavar="DETECTOR.NAME=VALUE", help="detector parameter for the census runs")
+    parser.add_argument("--without", default="", metavar="NEED,...",
+                        help="census passes without these needs (AttentionRows, Residual, Logits, LogitChunks): what those statistics cost")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--trace", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -269,7 +291,8 @@ def main() -> None:
 
     cuda = args.device.startswith("cuda")
     memory = "peak_cuda_gb" if cuda else "peak_rss_gb"
-    print(f"\nmodel {args.model}, device {args.device}, census params {args.param or 'defaults'}; "
+    without = f", census passes without {args.without}" if args.without else ""
+    print(f"\nmodel {args.model}, device {args.device}, census params {args.param or 'defaults'}{without}; "
           f"memory is {'peak CUDA allocation' if cuda else 'peak RSS'}; ratios are against the bare replay\n")
     print("| detectors | tokens | decoder calls | bare s | bare GB | census s | census GB | time ratio | memory ratio | TL full cache s | TL GB | TL time ratio | TL memory ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
