@@ -369,8 +369,9 @@ def census_seeds(model, detectors: Sequence[str] | None = None, store: ReportSto
 
 
 def _pooled_claim(claim: str, group: pd.DataFrame, seed_of: Mapping[str, int]) -> dict:
+    group = group.assign(seed=group["run_id"].map(seed_of)).sort_values("seed")
     estimate, low, high, p_value = pool_seeds(*(group[c].to_numpy(dtype=float) for c in ("estimate", "ci_low", "ci_high", "p_value")))
-    seeds = ",".join(str(seed_of[r]) for r in group["run_id"])
+    seeds = ",".join(map(str, group["seed"]))
     spread = float(group["estimate"].std(ddof=1)) if len(group) > 1 else float("nan")
     first = group.iloc[0]
     return {
