@@ -155,7 +155,7 @@ CIRCUIT_TASKS = ReportSchema(
 )
 
 BUILTIN_TASKS = ("ioi", "colored_objects", "capitals", "induction")
-RECEIVER_KINDS = {"q": ("q_proj",), "k": ("k_proj",), "v": ("v_proj",), "kv": ("k_proj", "v_proj")}
+RECEIVER_KINDS = {"q": ("q",), "k": ("k",), "v": ("v",), "kv": ("k", "v")}
 
 
 @dataclass
@@ -322,7 +322,7 @@ GRADIENT_TOKENS = 512
 @contextmanager
 def _projection_rows(model, slots: list[tuple[int, str, slice]], record: dict | None = None, replace: dict | None = None) -> Iterator[None]:
     """Record (into ``record``) or overwrite (from ``replace``) the first row of the q/k/v projections'
-    outputs, ``slots`` = (layer, projection name, feature slice of one head). Pre-rotation q and k are
+    outputs, ``slots`` = (layer, projection kind "q"/"k"/"v", feature slice of one head). Pre-rotation q and k are
     patched: both runs are at the same position, so the rotation they get afterwards is the same."""
     by_module: dict[tuple[int, str], list[slice]] = {}
     for layer, name, columns in slots:
@@ -341,7 +341,7 @@ def _projection_rows(model, slots: list[tuple[int, str, slice]], record: dict | 
 
         return edit
 
-    handles = [getattr(model.attention(layer), name).register_forward_hook(hook((layer, name))) for layer, name in by_module]
+    handles = [model.projection(layer, kind).register_forward_hook(hook((layer, kind))) for layer, kind in by_module]
     try:
         yield
     finally:
@@ -549,7 +549,7 @@ class Circuits(Detector):
         slots = set()
         for layer, head in receivers.nonzero().tolist():
             for name in RECEIVER_KINDS[via]:
-                unit = head if name == "q_proj" else head // group
+                unit = head if name == "q" else head // group
                 slots.add((layer, name, unit * info.d_head))
         return [(layer, name, slice(start, start + info.d_head)) for layer, name, start in sorted(slots)]
 

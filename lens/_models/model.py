@@ -162,8 +162,13 @@ class Model:
             handle.remove()
 
     def attention(self, layer: int) -> torch.nn.Module:
-        """Layer ``layer``'s attention module (its q/k/v projections: ``q_proj``, ``k_proj``, ``v_proj``)."""
+        """Layer ``layer``'s attention module."""
         return self.adapter.attention(self.layers()[layer])
+
+    def projection(self, layer: int, kind: str) -> torch.nn.Module:
+        """Layer ``layer``'s ``kind`` ("q", "k" or "v") projection, where the architecture has it as a
+        module of its own (``UnsupportedArchitectureError`` where q, k and v are one fused module)."""
+        return self.adapter.projection(self.attention(layer), kind)
 
     def attention_scale(self, layer: int) -> float:
         """The factor layer ``layer`` multiplies query-key dot products by."""
