@@ -144,9 +144,14 @@ class ItemEdit(Intervention):
         part = [slice(self.item.row, self.item.row + 1)] + [slice(None)] * (position_dim - 1) + [slice(n)]
         if trim_keys:  # as in the item's own block: keys up to its last row (later ones are zero, causal)
             part.append(slice(int(positions[n - 1]) + 1))
-        out = tensor.clone()
-        out[tuple(part)] = edit(tensor[tuple(part)], positions[:n])
-        return out
+        view = tensor[tuple(part)]
+        edited = edit(view, positions[:n])
+        if edited is not view:  # else the edit only read it (a tap, or a method left as the identity)
+            # Written in place: run_passes runs without gradients or a cache, so the queries, keys,
+            # probabilities and z of a batched forward belong to this layer call alone, and a copy per
+            # edit per item would cost batch x batch blocks.
+            tensor[tuple(part)] = edited
+        return tensor
 
     def edit_query(self, query, positions):
         return self._edited(query, positions, self.edit.edit_query, 2)
