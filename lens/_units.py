@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 import probes as detector_registry
+from lens._capture.batch import run_passes
 from lens._capture.session import capture
 from lens._store.store import ReportStore, StoreError
 from probes._base import Detector, ForwardPass
@@ -68,18 +69,11 @@ def map_units(detector: str, probes: Sequence[dict], shard_size: int) -> list[Un
 
 
 # -- running units ---------------------------------------------------------------------------------
-def run_group(model, group: list[ForwardPass]) -> None:
-    """One forward pass serving every pass of ``group`` (same tokens, no interventions, or a single pass)."""
-    first = group[0]
-    capture(model, first.tokens, [need for forward in group for need in forward.needs], first.interventions)
-    for forward in group:
-        forward.done()
-
-
-def run_map(model, spec: DetectorSpec, probes: Sequence[tuple[int, dict]]) -> tuple[dict[str, Any], int]:
-    """Run one shard: each probe in its own instance, their passes advanced in lockstep (passes with
-    the same tokens and no interventions share a forward pass). Returns the merged state and the
-    number of forward passes run."""
+def run_map(model, spec: DetectorSpec, probes: Sequence[tuple[int, dict]], *, batched: bool = True) -> tuple[dict[str, Any], int]:
+    """Run one shard: each probe in its own instance, their passes advanced in lockstep. Each step's
+    passes (one per probe still running) are independent, so ``batched`` runs them several to a
+    forward pass (``run_passes``: right-padded rows, every statistic as a batch of one would give it);
+    otherwise each pass is its own forward. Returns the merged state and the number of forward passes."""
     instances = [spec.build(model) for _ in probes]
     streams = {i: instance.passes(probe, index) for i, (instance, (index, probe)) in enumerate(zip(instances, probes))}
     n_passes = 0
@@ -90,12 +84,12 @@ def run_map(model, spec: DetectorSpec, probes: Sequence[tuple[int, dict]]) -> tu
                 step.append(next(streams[i]))
             except StopIteration:
                 del streams[i]
-        groups: dict[object, list[ForwardPass]] = {}
+        if batched:
+            n_passes += run_passes(model, step) if step else 0
+            continue
         for forward in step:
-            key = forward.tokens.numpy().tobytes() if not forward.interventions else id(forward)
-            groups.setdefault(key, []).append(forward)
-        for group in groups.values():
-            run_group(model, group)
+            capture(model, forward.tokens, forward.needs, forward.interventions)
+            forward.done()
             n_passes += 1
     merged = spec.build(model)
     for instance in instances:

@@ -206,9 +206,19 @@ def _mean(sample, axis=-1):
     return np.mean(sample, axis=axis)
 
 
+# Below this many units the percentile interval is used instead of BCa. BCa's bias correction counts
+# the resampled statistics below the estimate; with few units many resamples are the same units in
+# another order, whose statistic equals the estimate up to rounding, so the interval jumps with noise
+# at the 1e-7 level (a batched forward pass against one at a time). The percentile interval moves
+# continuously with the data.
+MIN_BCA_UNITS = 10
+
+
 def _bootstrap(data, statistic, seed: int, confidence: float, n_resamples: int) -> tuple[float, float, str]:
-    """BCa bootstrap bounds; percentile when BCa is undefined (for example a single outlier unit)."""
-    for method in ("BCa", "percentile"):
+    """BCa bootstrap bounds (from ``MIN_BCA_UNITS`` units on); percentile with fewer units or when BCa
+    is undefined (for example a single outlier unit)."""
+    methods = ("BCa", "percentile") if len(data[0]) >= MIN_BCA_UNITS else ("percentile",)
+    for method in methods:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             result = stats.bootstrap(

@@ -36,7 +36,8 @@ def small_census() -> dict:
 @pytest.fixture(scope="session")
 def same_reports():
     """``same_reports(store_a, run_a, store_b, run_b)`` asserts two runs wrote equal reports (every
-    report type but the manifest, rows in any order, floats to 1e-6)."""
+    report type but the manifest, rows in any order, floats to a relative 1e-4: batched forward passes
+    of different shard compositions differ from each other in float rounding only)."""
     import pandas as pd
 
     def frames(store, run_id):
@@ -51,6 +52,6 @@ def same_reports():
         a, b = frames(store_a, run_a), frames(store_b, run_b)
         assert a.keys() == b.keys()
         for report_type in a:
-            pd.testing.assert_frame_equal(a[report_type], b[report_type], check_exact=False, rtol=1e-6, obj=report_type)
+            pd.testing.assert_frame_equal(a[report_type], b[report_type], check_exact=False, rtol=1e-4, atol=1e-7, obj=report_type)
 
     return check

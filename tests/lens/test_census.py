@@ -67,6 +67,14 @@ def test_interrupted_census_resumes_without_recomputing(smollm2, small_census, s
     assert fresh.run_id != other.run_id and fresh.units_run == other.units_run == 2
 
 
+def test_batched_and_unbatched_censuses_write_equal_reports(smollm2, small_census, same_reports, uninterrupted, tmp_path):
+    reference_store, reference = uninterrupted  # one shard of three probes per detector, batched
+    store = lens.ReportStore(tmp_path / "store")
+    unbatched = lens.census(smollm2, store=store, shard_size=100, batched=False, **small_census)
+    assert unbatched.run_id == reference.run_id and unbatched.n_forward_passes > reference.n_forward_passes
+    same_reports(store, unbatched.run_id, reference_store, reference.run_id)
+
+
 def test_run_identity_follows_what_determines_results(smollm2, tmp_path):
     store = lens.ReportStore(tmp_path / "store")
     base = lens.census(smollm2, ["sinks"], store, limit=1).run_id
