@@ -24,16 +24,16 @@ import pandas as pd
 import pyarrow
 import pyarrow.parquet as pq
 
+import lens
 import probes
 from lens import ReportStore
-from lens._store.schema import schema_for
 
 MODELS = ("smollm2-135m", "gemma3-270m")
 VALUE = {"string": "x", "int64": 1, "float64": 0.5, "bool": True}
 
 
 def _table(report_type: str, rows: int, run_id: str, model: str, detector: str, started_at: str) -> pyarrow.Table:
-    schema = schema_for(report_type)
+    schema = lens.schema_for(report_type)
     columns = {c.name: [VALUE[c.dtype]] * rows for c in schema.all_columns}
     columns |= {"run_id": [run_id] * rows, "model": [model] * rows, "detector": [detector] * rows}
     if report_type == "runs":
@@ -63,7 +63,7 @@ def _write(path: Path, table: pyarrow.Table, report_type: str, model: str, run_i
 def previous_read(store: ReportStore, report_type: str, **filters) -> pd.DataFrame:
     """The read path before pushdown: every file of the chosen partitions read and validated by pandera
     one by one, concatenated, then filtered in pandas."""
-    schema = schema_for(report_type)
+    schema = lens.schema_for(report_type)
     model, run_id = filters.get("model"), filters.get("run_id")
     pattern = f"{'model=' + model if model else 'model=*'}/{'run_id=' + run_id if run_id else 'run_id=*'}/*.parquet"
     frames = [schema.conform(pq.read_table(f).to_pandas(), where=str(f)) for f in sorted((store.path / report_type).glob(pattern))]

@@ -20,7 +20,7 @@ from lens._capture.session import capture, session
 from lens._models.catalog import DEFAULT_MODEL, cache_root, known_models
 from lens._models.errors import UnsupportedArchitectureError
 from lens._models.model import Model, ModelInfo, PromptTooLongError, UnknownModelError, load
-from lens._store.schema import ReportSchema, SchemaMismatchError
+from lens._store.schema import ReportSchema, SchemaMismatchError, schema_for
 from lens._store.store import Report, StoreError
 from lens._generate import Generation, chat_prompt, generate
 
@@ -68,6 +68,7 @@ __all__ = [
     "ReportSchema",
     "ReportStore",
     "SchemaMismatchError",
+    "schema_for",
     "StoreError",
     "census",
     "census_seeds",

@@ -52,7 +52,7 @@ def activation_bytes_per_token(model) -> int:
     """Rough bytes one token of a batch holds at once inside a decoder layer: the residual stream and
     its normed copies, queries, keys, values and attention output, and the MLP's hidden layer."""
     info, config = model.info, model.hf.config.get_text_config()
-    width = 6 * info.d_model + 3 * config.intermediate_size + 2 * (info.n_heads + 2 * info.n_kv_heads) * info.d_head
+    width = 6 * info.d_model + 3 * (getattr(config, 'intermediate_size', None) or getattr(config, 'n_inner', None) or 4 * info.d_model) + 2 * (info.n_heads + 2 * info.n_kv_heads) * info.d_head
     return width * model.hf.dtype.itemsize
 
 

@@ -256,7 +256,7 @@ def test_bad_probe_lines_name_the_line(smollm2, tmp_path):
         lens.census(smollm2, ["retrieval"], tmp_path / "store", probes_file=path)
     with pytest.raises(ProbeError, match="retrieval.scoring"):
         lens.census(smollm2, ["retrieval"], tmp_path / "store", params={"retrieval": {"scoring": "fast"}})
-    with pytest.raises(ProbeError, match="retrieval.preset must be one of"):
+    with pytest.raises(ProbeError, match="retrieval.preset='huge': Input should be 'quick' or 'full'"):
         lens.census(smollm2, ["retrieval"], tmp_path / "store", params={"retrieval": {"preset": "huge"}})
     with pytest.raises(ProbeError, match="ablation_ks"):
         lens.census(smollm2, ["retrieval"], tmp_path / "store", params={"retrieval": {"ablation_ks": "[0, 5]"}})
