@@ -28,19 +28,9 @@ DEFAULT_DETECTORS = "sinks,circuits,contextual,retrieval,preplan_anchor"
 
 def _lockstep_passes(detector, probe_list, run) -> int:
     """Run every probe's passes, one step of every probe at a time; returns the forward passes run."""
-    streams = [detector.passes(probe, index) for index, probe in enumerate(probe_list)]
-    forwards = 0
-    while streams:
-        step, alive = [], []
-        for stream in streams:
-            forward = next(stream, None)
-            if forward is not None:
-                step.append(forward)
-                alive.append(stream)
-        streams = alive
-        if step:
-            forwards += run(step)
-    return forwards
+    import lens
+
+    return sum(run(step) for step in lens.lockstep(detector.passes(probe, index) for index, probe in enumerate(probe_list)))
 
 
 def _one_at_a_time(model):

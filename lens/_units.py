@@ -19,9 +19,9 @@ import fcntl
 import io
 import json
 import shutil
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,23 +69,33 @@ def map_units(detector: str, probes: Sequence[dict], shard_size: int) -> list[Un
 
 
 # -- running units ---------------------------------------------------------------------------------
+def lockstep(streams: Iterable[Iterator[ForwardPass]]) -> Iterator[list[ForwardPass]]:
+    """Each step's passes of several probes' pass streams: the next pass of every stream not yet
+    ended, in stream order. A stream's next pass is asked for only after its previous one ran, so a
+    pass may depend on the ``done`` of the one before it; the passes of one step are independent."""
+    streams = list(streams)
+    while streams:
+        step, alive = [], []
+        for stream in streams:
+            forward = next(stream, None)
+            if forward is not None:
+                step.append(forward)
+                alive.append(stream)
+        streams = alive
+        if step:
+            yield step
+
+
 def run_map(model, spec: DetectorSpec, probes: Sequence[tuple[int, dict]], *, batched: bool = True) -> tuple[dict[str, Any], int]:
     """Run one shard: each probe in its own instance, their passes advanced in lockstep. Each step's
     passes (one per probe still running) are independent, so ``batched`` runs them several to a
     forward pass (``run_passes``: right-padded rows, every statistic as a batch of one would give it);
     otherwise each pass is its own forward. Returns the merged state and the number of forward passes."""
     instances = [spec.build(model) for _ in probes]
-    streams = {i: instance.passes(probe, index) for i, (instance, (index, probe)) in enumerate(zip(instances, probes))}
     n_passes = 0
-    while streams:
-        step: list[ForwardPass] = []
-        for i in list(streams):
-            try:
-                step.append(next(streams[i]))
-            except StopIteration:
-                del streams[i]
+    for step in lockstep(instance.passes(probe, index) for instance, (index, probe) in zip(instances, probes)):
         if batched:
-            n_passes += run_passes(model, step) if step else 0
+            n_passes += run_passes(model, step)
             continue
         for forward in step:
             capture(model, forward.tokens, forward.needs, forward.interventions)
@@ -97,12 +107,12 @@ def run_map(model, spec: DetectorSpec, probes: Sequence[tuple[int, dict]], *, ba
     return merged.state(), n_passes
 
 
-def reduce_detector(model, spec: DetectorSpec, states: Sequence[Mapping[str, Any]], stage_results: Mapping[str, Any] = {}) -> Detector:
+def reduce_detector(model, spec: DetectorSpec, states: Sequence[Mapping[str, Any]], stage_results: Mapping[str, Any] | None = None) -> Detector:
     """A detector holding the merged map states (in unit order) and the finished stages' results."""
     detector = spec.build(model)
     for state in states:
         detector.absorb(state)
-    detector.stage_results.update(stage_results)
+    detector.stage_results.update(stage_results or {})
     return detector
 
 
@@ -122,7 +132,6 @@ class Checkpoints:
 
     store: ReportStore
     run_id: str
-    _lock: object = field(default=None, repr=False)
 
     @property
     def folder(self) -> Path:

@@ -145,15 +145,7 @@ def test_interventions_act_on_their_own_item(smollm2, kind):
 
 def _lockstep(detector, probes_list, run) -> None:
     """Advance every probe's passes one step at a time, running each step's passes with ``run``."""
-    streams = [detector.passes(probe, index) for index, probe in enumerate(probes_list)]
-    while streams:
-        step, alive = [], []
-        for stream in streams:
-            forward = next(stream, None)
-            if forward is not None:
-                step.append(forward)
-                alive.append(stream)
-        streams = alive
+    for step in lens.lockstep(detector.passes(probe, index) for index, probe in enumerate(probes_list)):
         run(step)
 
 
