@@ -6,7 +6,9 @@ batching) or together (``lens.run_passes``: grouped by length, several to a forw
 probes are the built-in ones (``--preset full``: the full probe sets); long probes are the first
 ``--long`` of them lengthened to ``--long-tokens`` by a neutral prefix (``Detector.with_prefix``, as
 ``census_cost.py`` does). Only the passes are timed (generation inside them included), not
-``finish()`` (its patching sweeps and statistics run once per census, whatever the batching).
+``finish()`` (its patching sweeps and statistics run once per census, whatever the batching). The
+last column is the ceiling: the speed-up batching gives bare forward passes (no capture) over the
+same tokens (each probe's first pass), in the same batches.
 
 Usage: ``python benchmarks/throughput.py [--detectors sinks,circuits] [--preset full] [--limit 24]
 [--long 4] [--long-tokens 2048] [--memory-budget BYTES]``. Prints one markdown table and the load
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -49,6 +52,24 @@ def _batched(model, memory_budget):
     import lens
 
     return lambda step: lens.run_passes(model, step, memory_budget)
+
+
+def bare_speedup(model, detector, probe_list: list[dict], memory_budget) -> float:
+    """How much batching speeds up bare forward passes (no capture, no edits) over the tokens of each
+    probe's first pass: the ceiling of what batching can give these lengths on this machine."""
+    import lens
+
+    tokens = [next(iter(detector.passes(probe, index))).tokens for index, probe in enumerate(probe_list)]
+    bare = [SimpleNamespace(tokens=t, needs=(), interventions=(), done=lambda: None) for t in tokens]
+
+    def seconds(run) -> float:
+        started = time.perf_counter()
+        with torch.no_grad():
+            run()
+        return time.perf_counter() - started
+
+    alone = seconds(lambda: [lens.capture(model, t, []) for t in tokens])
+    return alone / seconds(lambda: lens.run_passes(model, bare, memory_budget))
 
 
 def measure(model, name: str, probe_list: list[dict], params, mode: str, memory_budget) -> dict:
@@ -96,15 +117,16 @@ def main() -> None:
             tokens = sum(len(detector.tokens(p[detector.prompt_field])) for p in probe_list) / len(probe_list)
             alone = measure(model, name, probe_list, params, "batch 1", args.memory_budget)
             batched = measure(model, name, probe_list, params, "batched", args.memory_budget)
-            rows.append((name, label, len(probe_list), tokens, alone, batched))
+            ceiling = bare_speedup(model, detector, probe_list, args.memory_budget)
+            rows.append((name, label, len(probe_list), tokens, alone, batched, ceiling))
             print(f"  {name} {label}: {alone['probes_per_s']:.2f} -> {batched['probes_per_s']:.2f} probes/s", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.2f}\n")
     print(f"model {args.model}, preset {args.preset}, {torch.get_num_threads()} threads; passes only (finish() not timed)\n")
-    print("| detector | probes | mean prompt tokens | batch 1: forwards, s, probes/s | batched: forwards, s, probes/s | speed-up |")
-    print("|---|---|---|---|---|---|")
-    for name, label, n, tokens, alone, batched in rows:
+    print("| detector | probes | mean prompt tokens | batch 1: forwards, s, probes/s | batched: forwards, s, probes/s | speed-up | bare forwards' speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    for name, label, n, tokens, alone, batched, ceiling in rows:
         print(f"| {name} | {n} {label} | {tokens:.0f} | {alone['forwards']}, {alone['seconds']:.1f} s, {alone['probes_per_s']:.2f} | "
-              f"{batched['forwards']}, {batched['seconds']:.1f} s, {batched['probes_per_s']:.2f} | {batched['probes_per_s'] / alone['probes_per_s']:.2f}x |")
+              f"{batched['forwards']}, {batched['seconds']:.1f} s, {batched['probes_per_s']:.2f} | {batched['probes_per_s'] / alone['probes_per_s']:.2f}x | {ceiling:.2f}x |")
 
 
 if __name__ == "__main__":

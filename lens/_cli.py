@@ -12,6 +12,7 @@ import sys
 import time
 
 DEFAULT_STORE = "lens-store"
+RESULTS_MARKER = "results"  # the section of a page (the README) that `lens report --markdown PAGE` rewrites
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,7 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--compare", default=None, metavar="RUN", help="add a comparison with another run (or another model's run)")
     report.add_argument("--views", default=None, metavar="NAME,...", help="only these views (e.g. overview.labels); default: every view that applies")
     report.add_argument("--markdown", default=None, metavar="PAGE",
-                        help="instead of figures, write the runs' claims (estimate, interval, n, p) as Markdown tables, a column per run")
+                        help="instead of figures, write the runs' claims (estimate, interval, n, p) as Markdown tables, a column per model; "
+                             f"a page with <!-- {RESULTS_MARKER}:begin/end --> markers gets only that section rewritten")
+    report.add_argument("--paper-claims", action="store_true", help="with --markdown: only the claims a seed paper makes, with the verdicts")
     return parser
 
 
@@ -171,10 +174,22 @@ def _cmd_census(args) -> int:
     table.add_column("headline")
     for name, reports in result.reports.items():
         rows = ", ".join(f"{r.type} ({len(r.frame)})" for r in reports)
-        table.add_row(name, rows, "\n".join(result.summary[name]))
-    Console().print(table)
-    Console().print(f"reports written to {os.path.abspath(args.store)} (run {result.run_id})")
+        table.add_row(name, rows, "\n".join(headline(result.summary[name])))
+    out = Console(soft_wrap=True)
+    out.print(table)
+    out.print(f"every claim with its interval: lens report --store {args.store} --markdown claims.md")
+    out.print(f"reports written to {os.path.abspath(args.store)} (run {result.run_id})")
     return 0
+
+
+HEADLINE_CLAIMS = 3  # claims per detector in the closing table; `lens report` has them all
+
+
+def headline(claims: list[str]) -> list[str]:
+    """The first few claims of a detector, and how many more there are."""
+    if len(claims) <= HEADLINE_CLAIMS + 1:
+        return claims
+    return [*claims[:HEADLINE_CLAIMS], f"... and {len(claims) - HEADLINE_CLAIMS} more claims"]
 
 
 def argv_is_cli() -> bool:
@@ -243,7 +258,12 @@ def _cmd_report(args) -> int:
         if args.markdown is not None:
             from lens.views.claims import claims_markdown
 
-            Path(args.markdown).write_text(claims_markdown(store, run_ids), encoding="utf-8")
+            page = Path(args.markdown)
+            if page.is_file() and f"<!-- {RESULTS_MARKER}:begin -->" in page.read_text(encoding="utf-8"):
+                # A page with a results section (the README): only that section is rewritten, its tables under the page's headings.
+                _print_or_write(claims_markdown(store, run_ids, args.paper_claims, heading_level=3), args.markdown, RESULTS_MARKER)
+            else:
+                page.write_text(claims_markdown(store, run_ids, args.paper_claims), encoding="utf-8")
             print(f"claims of {len(run_ids)} run(s) written to {args.markdown}")
             return 0
         for run_id in run_ids:

@@ -108,19 +108,22 @@ def model_columns(claims: pd.DataFrame) -> pd.Series:
     return claims["model"].where(~repeated, claims["model"] + " (" + claims["run_id"] + ")")
 
 
-def claims_markdown(store, run_ids: list[str]) -> str:
+def claims_markdown(store, run_ids: list[str], paper_claims_only: bool = False, heading_level: int = 2) -> str:
     """One Markdown table per detector: claims as rows, models as columns, then the paper's claim
-    and each model's verdict where the detector declares one."""
+    and each model's verdict where the detector declares one. ``paper_claims_only``: only the claims
+    a seed paper makes (the README's results); ``heading_level``: of each detector's heading."""
     runs = store.runs()
     models = {run: str(runs.loc[runs["run_id"] == run, "model"].iloc[0]) for run in run_ids}
     frames = [store.read("summary", run_id=run).assign(model=models[run], run_id=run) for run in run_ids]
     claims = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if not claims.empty and paper_claims_only:
+        claims = claims[[paper_claim(row.detector, row.claim) is not None for row in claims.itertuples()]]
     if claims.empty:
         return "No claims in these runs.\n"
     claims["column"] = model_columns(claims)
     claims["cell"] = [claim_cell(row) for row in claims.itertuples()]
-    runs_by_model = {model: [run for run in run_ids if models[run] == model] for model in dict.fromkeys(models.values())}
-    sections = ["Runs: " + ", ".join(f"{model} ({', '.join(ids)})" for model, ids in runs_by_model.items()) + ".\n"]
+    runs_by_model = {model: [f"{run}, {run_duration(runs, run)}" for run in run_ids if models[run] == model] for model in dict.fromkeys(models.values())}
+    sections = ["Runs (census time): " + "; ".join(f"{model} ({'; '.join(ids)})" for model, ids in runs_by_model.items()) + ".\n"]
     for detector, rows in claims.groupby("detector", sort=True):
         columns = list(dict.fromkeys(rows["column"]))
         table = rows.pivot_table(index="claim", columns="column", values="cell", aggfunc="first", sort=False).fillna("")[columns]
@@ -131,8 +134,17 @@ def claims_markdown(store, run_ids: list[str]) -> str:
             table["paper"] = [paper_cell(papers[claim]) if claim in papers else "" for claim in table.index]
             table["verdict"] = [_verdicts(rows[rows["claim"] == claim], papers[claim], len(columns)) if claim in papers else "" for claim in table.index]
         table = table.map(lambda text: str(text).replace("|", "\\|"))  # Markdown cells
-        sections.append(f"## {detector}\n\n{table.reset_index().to_markdown(index=False)}\n")
+        sections.append(f"{'#' * heading_level} {detector}\n\n{table.reset_index().to_markdown(index=False)}\n")
     return "\n".join(sections)
+
+
+def run_duration(runs: pd.DataFrame, run_id: str) -> str:
+    """A run's census time, first start to last finish over its detectors (model loading excluded): ``9 min 15 s``."""
+    rows = runs[runs["run_id"] == run_id]
+    seconds = (pd.to_datetime(rows["finished_at"]).max() - pd.to_datetime(rows["started_at"]).min()).total_seconds()
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return (f"{hours} h " if hours else "") + (f"{minutes} min " if hours or minutes else "") + f"{seconds} s"
 
 
 def _verdicts(rows: pd.DataFrame, paper: PaperClaim, n_columns: int) -> str:

@@ -83,7 +83,9 @@ class PlantedStore:
         self.summaries = summaries
 
     def runs(self):
-        return pd.DataFrame([{"run_id": run, "model": model} for run, model in self.summaries])
+        # Each run's census took (its number) minutes: r1 1 min, r2 2 min, ...
+        return pd.DataFrame([{"run_id": run, "model": model, "started_at": "2026-12-03T10:00:00+00:00",
+                              "finished_at": f"2026-12-03T10:0{run[1:]}:00+00:00"} for run, model in self.summaries])
 
     def read(self, report_type, run_id):
         assert report_type == "summary"
@@ -104,7 +106,7 @@ def test_markdown_has_a_column_per_model_and_the_papers_verdicts():
     large_b = _summary("retrieval", [("retrieval.masking_effect_k10_random", 0.05, 0.2, 0.01)])
     store = PlantedStore({("r1", "small"): small, ("r2", "large"): large_a, ("r3", "large"): large_b})
     text = claims_markdown(store, ["r1", "r2", "r3"])
-    assert "Runs: small (r1), large (r2, r3)." in text
+    assert "Runs (census time): small (r1, 1 min 0 s); large (r2, 2 min 0 s; r3, 3 min 0 s)." in text
     lines = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[1:-1]] for line in text.splitlines() if line.startswith("| retrieval.")}
     header = [cell.strip() for cell in next(line for line in text.splitlines() if line.startswith("| claim")).split("|")[1:-1]]
     assert header == ["claim", "what it means", "small", "large", "paper", "verdict"]
@@ -127,3 +129,11 @@ def test_markdown_of_one_run_gives_the_verdict_alone_and_no_paper_column_without
     text = claims_markdown(PlantedStore({("r1", "small"): other}), ["r1"])
     header = next(line for line in text.splitlines() if line.startswith("| claim"))
     assert header.split("|")[1:-1][-1].strip() == "small" and "verdict" not in text
+
+
+def test_paper_claims_only_keeps_the_claims_a_seed_paper_makes():
+    rows = _summary("retrieval", [("retrieval.fraction_of_heads", 0.031, 0.085, NAN), ("retrieval.recall_rate", 0.8, 0.95, NAN)])
+    store = PlantedStore({("r1", "small"): rows})
+    text = claims_markdown(store, ["r1"], paper_claims_only=True, heading_level=3)
+    assert "### retrieval" in text and "retrieval.fraction_of_heads" in text and "retrieval.recall_rate" not in text
+    assert "retrieval.recall_rate" in claims_markdown(store, ["r1"])

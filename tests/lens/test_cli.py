@@ -137,6 +137,8 @@ def test_census_end_to_end_via_python_m(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "sinks.sink_rate" in proc.stdout and str(store) in proc.stdout
+    # The closing table keeps a few headline claims per detector and points to the full list.
+    assert "more claims" in proc.stdout and f"lens report --store {store} --markdown" in proc.stdout
     runs = subprocess.run([sys.executable, "-m", "lens", "runs", "--store", str(store)], capture_output=True, text=True)
     assert "tiny-llama" in runs.stdout and "sinks" in runs.stdout
 
@@ -256,3 +258,16 @@ def test_store_compact(capsys, tmp_path, tiny_run):
     assert _run(capsys, "store", "compact", "--store", str(store))[1] == f"run {run_id}: already compact\n"
     code, _, err = _run(capsys, "store", "compact", "--store", str(store), "--run", "nope")
     assert code == 2 and err.count("\n") == 1 and "no finished run 'nope'" in err
+
+
+def test_report_markdown_rewrites_only_the_results_section_of_a_page(capsys, tmp_path, tiny_run):
+    store, run_id = tiny_run
+    page = tmp_path / "README.md"
+    page.write_text("# Title\n\nkept\n\n<!-- results:begin -->\nold table\n<!-- results:end -->\n\ntail kept\n")
+    code, _, err = _run(capsys, "report", "--store", str(store), "--run", run_id, "--markdown", str(page), "--paper-claims")
+    assert code == 0, err
+    text = page.read_text()
+    assert text.startswith("# Title\n\nkept\n") and text.endswith("<!-- results:end -->\n\ntail kept\n") and "old table" not in text
+    section = text.split("<!-- results:begin -->")[1]
+    assert "### sinks" in section and "sinks.sink_rate" in section and "sinks.first_token_importance" not in section  # paper claims only
+    assert f"tiny-llama ({run_id}, " in section
