@@ -17,7 +17,7 @@ in its own process (peak RSS is per process):
   its cache cannot fit (``--memory-gb``).
 
 Usage: ``python benchmarks/census_cost.py [--lengths 512,2048,8192] [--detectors sinks,retrieval]
-[--param sinks.calibrate=false] [--without AttentionRows] [--device cuda] [--context 32768]``.
+[--param sinks.calibrate=false] [--without AttentionRows] [--device cuda] [--context 32768] [--repeats 5]``.
 ``--without`` drops needs of those kinds from every pass (the bare replay follows the passes that
 remain): what a statistic costs, e.g. the sinks pass without its every-row attention sums.
 Prints one markdown table with seconds, peak memory (RSS; on CUDA also device memory) and ratios.
@@ -38,6 +38,13 @@ import time
 # float32 bytes per token^2 of a TransformerLens full cache of SmolLM2 (hook_attn_scores and
 # hook_pattern of 30 layers x 9 heads), used to skip runs that cannot fit.
 _TL_BYTES_PER_TOKEN2 = 2 * 270 * 4
+
+
+def _median_run(runs: list[dict | None]) -> dict | None:
+    """The run of median time (the lower middle one of an even count); None if any run failed."""
+    if not runs or any(run is None for run in runs):
+        return None
+    return sorted(runs, key=lambda run: run["seconds"])[(len(runs) - 1) // 2]
 
 
 def _peak_rss_gb() -> float:
@@ -259,6 +266,7 @@ def main() -> None:
     parser.add_argument("--param", action="append", default=[], metavar="DETECTOR.NAME=VALUE", help="detector parameter for the census runs")
     parser.add_argument("--without", default="", metavar="NEED,...",
                         help="census passes without these needs (AttentionRows, Residual, Logits, LogitChunks): what those statistics cost")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of census and bare each (alternating); the median run of each is kept")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--trace", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -277,8 +285,13 @@ def main() -> None:
         for n_tokens in [int(n) for n in args.lengths.split(",")]:
             for detectors in detector_sets:
                 trace = os.path.join(tmp, f"trace-{n_tokens}-{len(rows)}.json")
-                census = _measure("census", detectors, n_tokens, args, trace)
-                bare = _measure("bare", detectors, n_tokens, args, trace) if census else None
+                # Census and bare runs alternate, so a change in the machine's speed hits both alike;
+                # each column keeps its median run.
+                censuses, bares = [], []
+                for _ in range(args.repeats):
+                    censuses.append(_measure("census", detectors, n_tokens, args, trace))
+                    bares.append(_measure("bare", detectors, n_tokens, args, trace) if censuses[-1] else None)
+                census, bare = _median_run(censuses), _median_run(bares)
                 tl_gb = _TL_BYTES_PER_TOKEN2 * n_tokens**2 / 1024**3
                 if args.no_tl:
                     tl, tl_note = None, "not run"

@@ -20,6 +20,8 @@ the window by position.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from einops import rearrange, repeat
 from jaxtyping import Bool, Float, Int
@@ -136,9 +138,15 @@ def causal_block_probs(
     only it is masked: the rest of the block is visible to every row."""
     n_rows = query_rows.shape[2]
     scores = attention_scores(query_rows, key, scaling, softcap)
-    above_diagonal = torch.ones(n_rows, n_rows, dtype=torch.bool, device=scores.device).triu_(1)
-    scores[..., first_position : first_position + n_rows].masked_fill_(above_diagonal, float("-inf"))
+    scores[..., first_position : first_position + n_rows].masked_fill_(_above_diagonal(n_rows, scores.device), float("-inf"))
     return _softmax(scores)
+
+
+@functools.lru_cache(maxsize=64)
+def _above_diagonal(n_rows: int, device: torch.device) -> Bool[Tensor, "row row"]:
+    """The keys of a block's diagonal square that its rows must not see; one per block height and
+    device, since every block of a pass (and every pass) asks for the same few."""
+    return torch.ones(n_rows, n_rows, dtype=torch.bool, device=device).triu_(1)
 
 
 def _row_blocks(rows: list[int], rows_per_block: int):
