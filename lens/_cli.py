@@ -12,7 +12,7 @@ import sys
 import time
 
 DEFAULT_STORE = "lens-store"
-RESULTS_MARKER = "results"  # the section of a page (the README) that `lens report --markdown PAGE` rewrites
+RESULTS_MARKER = "results"  # the section of a page (the README) that `lens report --markdown PAGE` rewrites by default
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,8 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--views", default=None, metavar="NAME,...", help="only these views (e.g. overview.labels); default: every view that applies")
     report.add_argument("--markdown", default=None, metavar="PAGE",
                         help="instead of figures, write the runs' claims (estimate, interval, n, p) as Markdown tables, a column per model; "
-                             f"a page with <!-- {RESULTS_MARKER}:begin/end --> markers gets only that section rewritten")
+                             f"a page with <!-- {RESULTS_MARKER}:begin/end --> markers (or --section's) gets only that section rewritten")
     report.add_argument("--paper-claims", action="store_true", help="with --markdown: only the claims a seed paper makes, with the verdicts")
+    report.add_argument("--claims", default=None, metavar="PATTERN,...",
+                        help="with --markdown: only claims matching one of these shell patterns, e.g. 'circuits.*.circuit_size'")
+    report.add_argument("--section", default=RESULTS_MARKER, metavar="NAME",
+                        help=f"with --markdown: the <!-- NAME:begin/end --> section of PAGE to rewrite (default {RESULTS_MARKER})")
     return parser
 
 
@@ -259,11 +263,13 @@ def _cmd_report(args) -> int:
             from lens.views.claims import claims_markdown
 
             page = Path(args.markdown)
-            if page.is_file() and f"<!-- {RESULTS_MARKER}:begin -->" in page.read_text(encoding="utf-8"):
+            patterns = [p.strip() for p in args.claims.split(",") if p.strip()] if args.claims else None
+            if page.is_file() and f"<!-- {args.section}:begin -->" in page.read_text(encoding="utf-8"):
                 # A page with a results section (the README): only that section is rewritten, its tables under the page's headings.
-                _print_or_write(claims_markdown(store, run_ids, args.paper_claims, heading_level=3), args.markdown, RESULTS_MARKER)
+                tables = claims_markdown(store, run_ids, args.paper_claims, patterns, heading_level=3)
+                _print_or_write(tables, args.markdown, args.section)
             else:
-                page.write_text(claims_markdown(store, run_ids, args.paper_claims), encoding="utf-8")
+                page.write_text(claims_markdown(store, run_ids, args.paper_claims, patterns), encoding="utf-8")
             print(f"claims of {len(run_ids)} run(s) written to {args.markdown}")
             return 0
         for run_id in run_ids:

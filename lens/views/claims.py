@@ -9,6 +9,7 @@ makes, so no number in the docs is copied by hand.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import re
 from typing import TYPE_CHECKING
@@ -108,16 +109,20 @@ def model_columns(claims: pd.DataFrame) -> pd.Series:
     return claims["model"].where(~repeated, claims["model"] + " (" + claims["run_id"] + ")")
 
 
-def claims_markdown(store, run_ids: list[str], paper_claims_only: bool = False, heading_level: int = 2) -> str:
+def claims_markdown(store, run_ids: list[str], paper_claims_only: bool = False, patterns: list[str] | None = None,
+                    heading_level: int = 2) -> str:
     """One Markdown table per detector: claims as rows, models as columns, then the paper's claim
     and each model's verdict where the detector declares one. ``paper_claims_only``: only the claims
-    a seed paper makes (the README's results); ``heading_level``: of each detector's heading."""
+    a seed paper makes (the README's results); ``patterns``: only claims matching one of these shell
+    patterns (``circuits.*.circuit_size``); ``heading_level``: of each detector's heading."""
     runs = store.runs()
     models = {run: str(runs.loc[runs["run_id"] == run, "model"].iloc[0]) for run in run_ids}
     frames = [store.read("summary", run_id=run).assign(model=models[run], run_id=run) for run in run_ids]
     claims = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if not claims.empty and paper_claims_only:
         claims = claims[[paper_claim(row.detector, row.claim) is not None for row in claims.itertuples()]]
+    if not claims.empty and patterns:
+        claims = claims[[any(fnmatch.fnmatchcase(claim, pattern) for pattern in patterns) for claim in claims["claim"]]]
     if claims.empty:
         return "No claims in these runs.\n"
     claims["column"] = model_columns(claims)
@@ -128,7 +133,7 @@ def claims_markdown(store, run_ids: list[str], paper_claims_only: bool = False, 
         columns = list(dict.fromkeys(rows["column"]))
         table = rows.pivot_table(index="claim", columns="column", values="cell", aggfunc="first", sort=False).fillna("")[columns]
         table.columns.name = None
-        table.insert(0, "what it means", rows.drop_duplicates("claim").set_index("claim")["detail"].reindex(table.index).fillna(""))
+        table.insert(0, "what it means", [claim_detail(rows[rows["claim"] == claim]) for claim in table.index])
         papers = {claim: paper for claim in table.index if (paper := paper_claim(detector, claim)) is not None}
         if papers:
             table["paper"] = [paper_cell(papers[claim]) if claim in papers else "" for claim in table.index]
@@ -136,6 +141,15 @@ def claims_markdown(store, run_ids: list[str], paper_claims_only: bool = False, 
         table = table.map(lambda text: str(text).replace("|", "\\|"))  # Markdown cells
         sections.append(f"{'#' * heading_level} {detector}\n\n{table.reset_index().to_markdown(index=False)}\n")
     return "\n".join(sections)
+
+
+def claim_detail(rows: pd.DataFrame) -> str:
+    """What a claim means: its detail, or each column's where runs word it differently (a detail can
+    hold a run's own numbers, such as the heads two circuits share)."""
+    details = dict(zip(rows["column"], rows["detail"].fillna("")))
+    if len(set(details.values())) <= 1:
+        return next(iter(details.values()), "")
+    return "; ".join(f"{column}: {detail}" for column, detail in details.items())
 
 
 def run_duration(runs: pd.DataFrame, run_id: str) -> str:

@@ -137,3 +137,18 @@ def test_paper_claims_only_keeps_the_claims_a_seed_paper_makes():
     text = claims_markdown(store, ["r1"], paper_claims_only=True, heading_level=3)
     assert "### retrieval" in text and "retrieval.fraction_of_heads" in text and "retrieval.recall_rate" not in text
     assert "retrieval.recall_rate" in claims_markdown(store, ["r1"])
+
+
+def test_claim_patterns_select_claims_by_shell_pattern():
+    rows = _summary("circuits", [("circuits.ioi.circuit_size", 3, 3, NAN), ("circuits.ioi.faithfulness", 0.7, 0.9, NAN),
+                                 ("circuits.ioi~capitals.path_patching.reuse", 0.1, 0.5, 0.02)])
+    text = claims_markdown(PlantedStore({("r1", "small"): rows}), ["r1"], patterns=["circuits.*.circuit_size", "circuits.*~*.reuse"])
+    assert "circuits.ioi.circuit_size" in text and "circuits.ioi~capitals.path_patching.reuse" in text
+    assert "circuits.ioi.faithfulness" not in text
+
+
+def test_a_claim_worded_differently_by_two_runs_shows_each_runs_wording():
+    small = _summary("circuits", [("circuits.a~b.path_patching.reuse", 0.1, 0.5, 0.02)]).assign(detail="2 shared of 10 heads")
+    large = _summary("circuits", [("circuits.a~b.path_patching.reuse", 0.2, 0.6, 0.03)]).assign(detail="1 shared of 4 heads")
+    text = claims_markdown(PlantedStore({("r1", "small"): small, ("r2", "large"): large}), ["r1", "r2"])
+    assert "small: 2 shared of 10 heads; large: 1 shared of 4 heads" in text
