@@ -112,7 +112,7 @@ def test_markdown_claims_table_comes_from_the_store(census_run, tmp_path, capsys
     assert main(["report", "--store", str(store.path), "--run", run_id, "--markdown", str(page)]) == 0
     text = page.read_text()
     summary = store.read("summary", run_id=run_id)
-    assert "## sinks" in text and f"smollm2-135m ({run_id})" in text
+    assert "## sinks" in text and f"smollm2-135m ({run_id}, " in text  # the run and its census time
     rate = summary.set_index("claim").loc["sinks.sink_rate"]
     assert f"{rate['estimate']:.3g} [{rate['ci_low']:.3g}, {rate['ci_high']:.3g}] n={rate['n']} probes" in text
 
