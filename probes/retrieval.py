@@ -347,6 +347,7 @@ class Retrieval(Detector):
     color = OKABE_ITO["blue"]
     overview_labels = (OverviewLabel("retrieval", "retrieval", "is_retrieval", "square", (0.22, 0.2)),)
     overview_scores = (OverviewScore("retrieval_score", "retrieval", "retrieval_score"),)
+    presets = {"full": {"preset": "full"}}  # 60 trials up to 4,000 tokens, masking at K = 5, 10, 20 on 20 trials
     accumulates = ("trials",)
 
     def __init__(self, *args, **kwargs):

@@ -102,6 +102,14 @@ def _all_files_readable(store: lens.ReportStore) -> int:
     return len(files)
 
 
+def test_every_detector_has_a_full_preset_that_changes_its_parameters():
+    # A detector without one would run its quick parameters inside a "full" census, unnoticed.
+    for name in probes.available():
+        detector = probes.get(name)
+        assert "full" in detector.presets, f"{name} has no full preset"
+        assert detector.parse_params(detector.presets["full"]) != detector.parse_params({}), name
+
+
 def test_sigkill_at_random_moments_loses_nothing(same_reports, tmp_path):
     """20 kills at random moments of the work; every file stays readable, and the census run again
     completes with the reports of an uninterrupted run, keeping every unit finished before."""
