@@ -154,7 +154,7 @@ CIRCUIT_TASKS = ReportSchema(
     ),
 )
 
-BUILTIN_TASKS = ("ioi", "colored_objects", "capitals", "induction")
+BUILTIN_TASKS = ("ioi", "colored_objects", "colored_object", "capitals", "induction")
 RECEIVER_KINDS = {"q": ("q",), "k": ("k",), "v": ("v",), "kv": ("k", "v")}
 
 
@@ -188,7 +188,7 @@ def _single_token_words(tokenizer, words: list[str]) -> list[str]:
 
 def _colored_scene(spec: dict, colors: list[str], objects: list[str], rng: random.Random, asked: int) -> str:
     items = [f"a{'n' if c[0] in 'aeiou' else ''} {c} {o}" for c, o in zip(colors, objects)]
-    text = ", ".join(items[:-1]) + ", and " + items[-1]
+    text = ", ".join(items[:-1]) + ", and " + items[-1] if len(items) > 1 else items[0]
     return spec["template"].format(surface=rng.choice(spec["surfaces"]), start=rng.choice(spec["starts"]), items=text, q=objects[asked])
 
 
@@ -210,20 +210,29 @@ def generate_pairs(tokenizer, task: str, n: int, rng: random.Random) -> list[dic
             clean = template.format(B=first, A=second, S2=s, **fill)
             corrupt = template.format(B=first, A=second, S2=io, **fill)
             pairs.append(dict(task=task, clean=clean, corrupt=corrupt, target=" " + io, foil=" " + s))
-        elif task == "colored_objects":
-            # One solved example, then the question; the corruption asks about another object of the
-            # same scene, whose colour is the foil.
+        elif task in ("colored_objects", "colored_object"):
+            # One solved example, then the question. Three objects a scene: the corruption asks about
+            # another object of the same scene, whose colour is the foil. One object a scene (the task
+            # both embedded models can do): the corruption gives that object another colour.
+            n_objects = 3 if task == "colored_objects" else 1
             colors = [c for c in spec["colors"] if len(tokenizer.encode(" " + c.capitalize(), add_special_tokens=False)) == 1]
+            if n_objects == 1:  # "a red" -> "an orange" would change two tokens, not one
+                colors = [c for c in colors if c[0] not in "aeiou"]
             objects = _single_token_words(tokenizer, spec["objects"])
-            shot_colors, shot_objects = rng.sample(colors, 3), rng.sample(objects, 3)
-            shot_asked = rng.randrange(3)
+            shot_colors, shot_objects = rng.sample(colors, n_objects), rng.sample(objects, n_objects)
+            shot_asked = rng.randrange(n_objects)
             shot = _colored_scene(spec, shot_colors, shot_objects, rng, shot_asked) + " " + shot_colors[shot_asked].capitalize() + "\n"
-            scene_colors, scene_objects = rng.sample(colors, 3), rng.sample(objects, 3)
-            asked, other = rng.sample(range(3), 2)
+            scene_colors, scene_objects = rng.sample(colors, 3), rng.sample(objects, n_objects)
+            if n_objects == 3:
+                asked, other = rng.sample(range(3), 2)
+                corrupt_colors, corrupt_asked = scene_colors, other
+            else:
+                asked, other = 0, 1
+                corrupt_colors, corrupt_asked = scene_colors[1:2], 0
             state = rng.getstate()
-            clean = shot + _colored_scene(spec, scene_colors, scene_objects, rng, asked)
+            clean = shot + _colored_scene(spec, scene_colors[:n_objects], scene_objects, rng, asked)
             rng.setstate(state)  # the same surface and opening for the corrupted scene
-            corrupt = shot + _colored_scene(spec, scene_colors, scene_objects, rng, other)
+            corrupt = shot + _colored_scene(spec, corrupt_colors, scene_objects, rng, corrupt_asked)
             target, foil = " " + scene_colors[asked].capitalize(), " " + scene_colors[other].capitalize()
             pairs.append(dict(task=task, clean=clean, corrupt=corrupt, target=target, foil=foil))
         elif task == "capitals":
@@ -432,6 +441,13 @@ class Circuits(Detector):
             "top 2% per path-patching stage)",
             value=0.78, direction="above",
             note="the paper does not state the overlap's denominator; compared with the share of IOI's heads in Colored Objects' circuit",
+        ),
+        # Asked on the nearest task the embedded models can do, so the reuse question is still asked.
+        "circuits.ioi~colored_object.path_patching.reuse": PaperClaim(
+            "Merullo et al. 2024 (ICLR): about 78% of IOI's in-circuit heads reappear in Colored Objects' circuit (GPT-2 medium, "
+            "top 2% per path-patching stage); here on one object a scene, the nearest task these models can do",
+            value=0.78, direction="above",
+            note="the paper does not state the overlap's denominator; compared with the share of IOI's heads in the one-object task's circuit",
         ),
     }
     context_fields = ("clean", "corrupt")

@@ -15,7 +15,7 @@ import torch
 import lens
 from metrics.circuits import logit_difference
 from probes import ProbeError
-from probes.circuits import CircuitParams, Circuits, Pair, Stage, generate_pairs
+from probes.circuits import BUILTIN_TASKS, CircuitParams, Circuits, Pair, Stage, generate_pairs
 
 
 def write_probes(path, probes):
@@ -25,7 +25,7 @@ def write_probes(path, probes):
 
 def test_builtin_tasks_are_well_formed(smollm2):
     tokenizer = smollm2.tokenizer
-    for task in ("ioi", "colored_objects", "capitals", "induction"):
+    for task in BUILTIN_TASKS:
         for pair in generate_pairs(tokenizer, task, 20, random.Random(1)):
             clean, corrupt = smollm2.tokenize(pair["clean"]), smollm2.tokenize(pair["corrupt"])
             assert len(clean) == len(corrupt), pair
@@ -33,8 +33,8 @@ def test_builtin_tasks_are_well_formed(smollm2):
             target, foil = smollm2.tokenize(pair["target"]), smollm2.tokenize(pair["foil"])
             assert len(target) == len(foil) == 1 and target != foil, pair
     builtin = Circuits(smollm2, CircuitParams(pairs_per_task=2)).builtin_probes()
-    assert [p["task"] for p in builtin[:4]] == ["ioi", "colored_objects", "capitals", "induction"]  # --limit keeps a mix
-    assert len(builtin) == 8
+    assert [p["task"] for p in builtin[:5]] == ["ioi", "colored_objects", "colored_object", "capitals", "induction"]  # --limit keeps a mix
+    assert len(builtin) == 10
     for pair in generate_pairs(tokenizer, "ioi", 6, random.Random(2)):
         # S2 becomes the indirect object: the clean prompt names the subject twice, the corrupted one the target.
         subject, io = pair["foil"].strip(), pair["target"].strip()
@@ -42,6 +42,19 @@ def test_builtin_tasks_are_well_formed(smollm2):
         assert pair["corrupt"].count(subject) == 1 and pair["corrupt"].count(io) == 2
     orders = {p["clean"].index(p["target"].strip()) < p["clean"].index(p["foil"].strip()) for p in generate_pairs(tokenizer, "ioi", 4, random.Random(3))}
     assert orders == {True, False}  # ABBA and BABA both present
+
+
+def test_the_one_object_colour_task_is_one_the_model_can_do(smollm2):
+    # Neither embedded model binds colours to objects in Merullo et al.'s three-object scenes (clean
+    # accuracy near chance); the one-object task is there so that the reuse question can still be asked.
+    pairs = generate_pairs(smollm2.tokenizer, "colored_object", 24, random.Random(4))
+    correct = 0
+    with smollm2.continuing(None) as run, torch.no_grad():
+        for pair in pairs:
+            logits = smollm2.unembed(run(smollm2.tokenize(pair["clean"], bos="auto")[None])[0, -1])
+            target, foil = smollm2.tokenize(pair["target"])[0], smollm2.tokenize(pair["foil"])[0]
+            correct += bool(logits[target] > logits[foil])
+    assert correct >= 20, f"{correct} of 24"
 
 
 def test_patching_finds_a_planted_head(tmp_path):
