@@ -64,6 +64,7 @@ class CensusResult:
     n_forward_passes: int = 0  # run by this call (a resumed run counts only what it computed)
     resumed_units: int = 0  # units found finished in the store and not recomputed
     units_run: int = 0  # units computed by this call
+    reused: dict[str, str] = field(default_factory=dict)  # detector -> the run whose equal results were copied
 
     def claims(self) -> pd.DataFrame:
         """Every detector's claims: estimate, 95% interval, n, p-value, method."""
@@ -110,16 +111,24 @@ class CensusInterrupted(KeyboardInterrupt):
         self.run_id, self.done, self.total = run_id, done, total
 
 
+# The packages whose versions are part of what determines a result (run identity, reuse).
+_IDENTITY_PACKAGES = ("lens-workbench", "torch", "transformers")
+
+
+def _model_dtype(model) -> str:
+    return str(next(model.hf.parameters()).dtype)
+
+
 def run_identity(model, specs: Mapping[str, DetectorSpec], probe_hashes: Mapping[str, str], params_json: Mapping[str, str]) -> str:
     """A run's id from what determines its results: the model's weights (and dtype), each detector's
     parameters, probe set, seed and BOS policy, and the versions of the code that computes them."""
     versions = package_versions()
     payload = {
         "model": model.info.fingerprint,
-        "dtype": str(next(model.hf.parameters()).dtype),
+        "dtype": _model_dtype(model),
         "device": model.device.type,
         "detectors": {name: [params_json[name], probe_hashes[name], spec.seed, spec.bos] for name, spec in sorted(specs.items())},
-        "versions": {name: versions.get(name) for name in ("lens-workbench", "torch", "transformers")},
+        "versions": {name: versions.get(name) for name in _IDENTITY_PACKAGES},
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
     return f"{model.name.replace('/', '_')}-{digest[:12]}"
@@ -241,6 +250,11 @@ def census(
         run_id = identity + ("-" + secrets.token_hex(3) if fresh else "")
     result = CensusResult(run_id, model.name, store)
     finished = set(store.runs(run_id=run_id)["detector"]) if "runs" in store.report_types() else set()
+    if not fresh:
+        for name in instances:
+            if name not in finished and _reuse_detector(store, model, run_id, name, specs[name], params_json[name], probe_hashes[name]):
+                finished.add(name)
+                result.reused[name] = str(store.runs(run_id=run_id, detector=name)["reused_from"].iloc[0])
     pending = [name for name in instances if name not in finished]
     if pending:
         job = _Job(model, store, run_id, {name: specs[name] for name in pending}, probe_sets, shard_size, on_progress, result)
@@ -254,6 +268,8 @@ def census(
             "bos_token": model.tokenizer.bos_token or "",
             "bos_added": len(model.tokenize("", bos=bos)) == 1,
             "device": str(model.device),
+            "dtype": _model_dtype(model),
+            "reused_from": None,
         })
     for name in instances:
         result.reports[name] = _stored_reports(store, run_id, name)
@@ -382,6 +398,31 @@ def _pooled_claim(claim: str, group: pd.DataFrame, seed_of: Mapping[str, int]) -
         "method": f"{first['method']}; pooled over seeds {seeds}: mean estimate, union of the intervals, largest p",
         "detail": f"{first['detail']} (between-seed SD {spread:.3g})",
     }
+
+
+def _reuse_detector(store: ReportStore, model, run_id: str, name: str, spec: DetectorSpec, params_json: str, probe_hash: str) -> bool:
+    """Copy detector ``name``'s reports from the newest finished run in ``store`` that computed it with
+    everything that determines them equal (model weights, dtype and device type, parameters, probe
+    set, seed, BOS policy, package versions) into run ``run_id``; whether one was found. A census
+    that changes one detector's parameters recomputes that detector alone."""
+    if "runs" not in store.report_types():
+        return False
+    versions = package_versions()
+    candidates = store.runs(model=model.name, detector=name, seed=spec.seed, bos=spec.bos, params=params_json, probe_hash=probe_hash,
+                            model_fingerprint=model.info.fingerprint, dtype=_model_dtype(model))
+    for row in candidates.itertuples():
+        recorded = json.loads(row.versions)
+        if row.run_id == run_id or str(row.device).split(":")[0] != model.device.type:
+            continue
+        if any(recorded.get(package) != versions.get(package) for package in _IDENTITY_PACKAGES):
+            continue
+        types = [t for t in str(row.reports).split(",") if t]
+        reports = [Report(t, store.read(t, run_id=row.run_id, detector=name).drop(columns=["run_id", "model", "detector"])) for t in types]
+        manifest = {column: getattr(row, column) for column in candidates.columns if column not in ("run_id", "model", "detector")}
+        manifest["reused_from"] = row.reused_from if isinstance(row.reused_from, str) and row.reused_from else row.run_id  # the run that computed them
+        _write_detector(store, model, run_id, name, reports, manifest)
+        return True
+    return False
 
 
 def _write_detector(store: ReportStore, model, run_id: str, name: str, reports: list[Report], manifest: dict) -> None:

@@ -168,6 +168,9 @@ def _cmd_census(args) -> int:
     finally:
         if task is not None:
             progress.stop()
+    for source in dict.fromkeys(result.reused.values()):
+        names = ", ".join(name for name, run in result.reused.items() if run == source)
+        console.print(f"{names}: equal settings already computed in run {source}; its reports are reused, not recomputed (--fresh recomputes)")
     if not result.units_run:
         console.print(f"run {result.run_id} had already finished in {args.store}: nothing recomputed (--fresh starts a new run)")
     elif result.resumed_units:

@@ -52,6 +52,8 @@ RUNS = register_schema(
             Column("started_at", "string", "UTC start time, ISO 8601"),
             Column("finished_at", "string", "UTC end time, ISO 8601"),
             Column("reports", "string", "report types the detector wrote, comma separated"),
+            Column("dtype", "string", "torch dtype of the model's weights (empty in runs made before it was recorded)", nullable=True),
+            Column("reused_from", "string", "the run whose equal results were copied instead of recomputed (empty: computed in this run)", nullable=True),
         ),
     )
 )
@@ -81,17 +83,20 @@ def _readable_as(actual: pyarrow.DataType, declared: pyarrow.DataType) -> bool:
 
 def _check_columns(file: Path, found: pyarrow.Schema, declared: pyarrow.Schema, report_type: str) -> None:
     names = [name for name in found.names if name != "__index_level_0__"]  # pandas' index, not read
-    missing = [c for c in declared.names if c not in names]
+    # A nullable column added to a schema later reads as null from the files written before it.
+    missing = [c.name for c in declared if c.name not in names and not c.nullable]
     extra = [c for c in names if c not in declared.names]
     if missing or extra:
         problems = [f"missing column {c!r}" for c in missing] + [f"unexpected column {c!r}" for c in extra]
         raise SchemaMismatchError(f"{file}: report {report_type!r}: {', '.join(problems)}")
     for field in declared:
+        if field.name not in names:
+            continue
         actual = found.field(field.name).type
         if not _readable_as(actual, field.type):
             raise SchemaMismatchError(f"{file}: report {report_type!r}: column {field.name!r}: type {actual}, declared {field.type}")
     # A file that did not come from ReportStore.write may hold nulls where none are allowed: read those columns.
-    may_hold_nulls = [field.name for field in declared if not field.nullable and found.field(field.name).nullable]
+    may_hold_nulls = [field.name for field in declared if not field.nullable and field.name in names and found.field(field.name).nullable]
     if may_hold_nulls:
         table = pq.read_table(file, columns=may_hold_nulls)
         for name in may_hold_nulls:

@@ -153,9 +153,19 @@ def claim_detail(rows: pd.DataFrame) -> str:
 
 
 def run_duration(runs: pd.DataFrame, run_id: str) -> str:
-    """A run's census time, first start to last finish over its detectors (model loading excluded): ``9 min 15 s``."""
+    """A run's census time, first start to last finish over the detectors it computed (model loading
+    excluded), and the runs it reused detectors from: ``9 min 15 s`` or ``41 min 2 s; sinks reused
+    from run R``."""
     rows = runs[runs["run_id"] == run_id]
-    seconds = (pd.to_datetime(rows["finished_at"]).max() - pd.to_datetime(rows["started_at"]).min()).total_seconds()
+    reused = rows["reused_from"].fillna("") if "reused_from" in rows else pd.Series("", index=rows.index)
+    computed = rows[reused == ""]
+    text = _duration((pd.to_datetime(computed["finished_at"]).max() - pd.to_datetime(computed["started_at"]).min()).total_seconds()) if len(computed) else "nothing computed"
+    for source, group in rows[reused != ""].groupby(reused[reused != ""], sort=True):
+        text += f"; {', '.join(sorted(group['detector']))} reused from run {source}"
+    return text
+
+
+def _duration(seconds: float) -> str:
     minutes, seconds = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return (f"{hours} h " if hours else "") + (f"{minutes} min " if hours or minutes else "") + f"{seconds} s"

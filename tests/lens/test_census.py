@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -19,6 +20,7 @@ import torch
 import lens
 import probes
 from lens._units import unfinished_runs
+from lens.views.claims import run_duration
 
 ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
@@ -83,6 +85,26 @@ def test_run_identity_follows_what_determines_results(smollm2, tmp_path):
     assert lens.census(smollm2, ["sinks"], store, limit=2).run_id != base
     with pytest.raises(probes.ProbeError, match="other settings"):
         lens.census(smollm2, ["sinks"], store, limit=2, resume=base)
+
+
+def test_a_census_recomputes_only_the_detectors_whose_settings_changed(smollm2, tmp_path):
+    store = lens.ReportStore(tmp_path / "store")
+    first = lens.census(smollm2, ["sinks", "preplan_anchor"], store, limit=1, params={"preplan_anchor": {"max_new_tokens": "16"}})
+    second = lens.census(smollm2, ["sinks", "preplan_anchor"], store, limit=1, params={"preplan_anchor": {"max_new_tokens": "12"}})
+    assert second.run_id != first.run_id and second.reused == {"sinks": first.run_id}
+    assert second.units_run == 2  # preplan_anchor's shard and reduce; sinks was copied
+    for report_type in ("sinks", "summary"):
+        copied, computed = (store.read(report_type, run_id=run, detector="sinks").drop(columns="run_id") for run in (second.run_id, first.run_id))
+        pd.testing.assert_frame_equal(copied, computed)
+    manifest = store.runs(run_id=second.run_id).set_index("detector")
+    assert manifest.loc["sinks", "reused_from"] == first.run_id and pd.isna(manifest.loc["preplan_anchor", "reused_from"])
+    assert manifest.loc["sinks", "dtype"] == "torch.float32"
+    assert f"sinks reused from run {first.run_id}" in run_duration(store.runs(), second.run_id)
+    alone = lens.census(smollm2, ["sinks"], store, limit=1)  # a copy's source is the run that computed it
+    assert alone.reused == {"sinks": first.run_id} and alone.units_run == 0
+    assert lens.census(smollm2, ["sinks"], store, limit=1, seed=1).reused == {}  # another seed: computed
+    fresh = lens.census(smollm2, ["sinks"], store, limit=1, fresh=True)
+    assert fresh.reused == {} and fresh.units_run == 2
 
 
 def _cli(store: Path, *extra: str) -> list[str]:

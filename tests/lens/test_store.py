@@ -78,6 +78,19 @@ def test_file_with_nulls_in_a_non_nullable_column_names_file_and_column(store):
         store.read("sinks")
 
 
+def test_a_file_written_before_a_nullable_column_was_added_reads_it_as_null(store):
+    manifest = {"model_fingerprint": "f", "params": "{}", "probe_hash": "h", "n_probes": 1, "seed": 0, "bos": "auto", "bos_token": "",
+                "bos_added": False, "versions": "{}", "device": "cpu", "started_at": "t0", "finished_at": "t1", "reports": "sinks",
+                "dtype": "torch.float32", "reused_from": None}
+    path = store.write(lens.Report("runs", pd.DataFrame([manifest]), run_id="r1", model="m", detector="sinks"))
+    pd.read_parquet(path).drop(columns=["dtype", "reused_from"]).to_parquet(path)  # as the store wrote it before
+    row = store.runs().iloc[0]
+    assert row["device"] == "cpu" and pd.isna(row["dtype"]) and pd.isna(row["reused_from"])
+    pd.read_parquet(path).drop(columns=["device"]).to_parquet(path)  # a column that may not be null stays required
+    with pytest.raises(SchemaMismatchError, match=f"{path}.*missing column 'device'"):
+        store.runs()
+
+
 def test_unwritable_store_is_one_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
