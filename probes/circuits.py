@@ -160,7 +160,7 @@ RECEIVER_KINDS = {"q": ("q",), "k": ("k",), "v": ("v",), "kv": ("k", "v")}
 
 @dataclass
 class CircuitParams(Params):
-    pairs_per_task: Annotated[int, Field(ge=1)] = 6  # x 4 tasks: the quick census; 64+ for the research run
+    pairs_per_task: Annotated[int, Field(ge=1)] = 6  # x 5 tasks: the quick census; 64+ for the research run
     selection: Literal["faithfulness", "top_percent"] = "faithfulness"  # top_percent: the paper's rule
     faithfulness_target: Annotated[float, Field(gt=0, le=1)] = 0.8
     top_percent: Annotated[float, Field(gt=0, le=100)] = 2.0  # the paper's rule, and the per-stage cut of path patching
