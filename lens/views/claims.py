@@ -154,15 +154,20 @@ def claim_detail(rows: pd.DataFrame) -> str:
 
 def run_duration(runs: pd.DataFrame, run_id: str) -> str:
     """A run's census time, first start to last finish over the detectors it computed (model loading
-    excluded), and the runs it reused detectors from: ``9 min 15 s`` or ``41 min 2 s; sinks reused
-    from run R``."""
+    excluded), and for the detectors it reused, the run that computed them with that run's census
+    time: ``9 min 15 s`` or ``41 min 2 s; sinks reused from run R (9 min 15 s)``."""
     rows = runs[runs["run_id"] == run_id]
     reused = rows["reused_from"].fillna("") if "reused_from" in rows else pd.Series("", index=rows.index)
-    computed = rows[reused == ""]
-    text = _duration((pd.to_datetime(computed["finished_at"]).max() - pd.to_datetime(computed["started_at"]).min()).total_seconds()) if len(computed) else "nothing computed"
+    parts = [_census_time(rows[reused == ""])] if (reused == "").any() else []
     for source, group in rows[reused != ""].groupby(reused[reused != ""], sort=True):
-        text += f"; {', '.join(sorted(group['detector']))} reused from run {source}"
-    return text
+        parts.append(f"{', '.join(sorted(group['detector']))} reused from run {source} ({_census_time(runs[runs['run_id'] == source])})")
+    return "; ".join(parts)
+
+
+def _census_time(rows: pd.DataFrame) -> str:
+    if rows.empty:
+        return "census time unknown"
+    return _duration((pd.to_datetime(rows["finished_at"]).max() - pd.to_datetime(rows["started_at"]).min()).total_seconds())
 
 
 def _duration(seconds: float) -> str:

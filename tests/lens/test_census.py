@@ -99,9 +99,11 @@ def test_a_census_recomputes_only_the_detectors_whose_settings_changed(smollm2, 
     manifest = store.runs(run_id=second.run_id).set_index("detector")
     assert manifest.loc["sinks", "reused_from"] == first.run_id and pd.isna(manifest.loc["preplan_anchor", "reused_from"])
     assert manifest.loc["sinks", "dtype"] == "torch.float32"
-    assert f"sinks reused from run {first.run_id}" in run_duration(store.runs(), second.run_id)
+    census_time = run_duration(store.runs(), first.run_id)
+    assert run_duration(store.runs(), second.run_id).endswith(f"; sinks reused from run {first.run_id} ({census_time})")
     alone = lens.census(smollm2, ["sinks"], store, limit=1)  # a copy's source is the run that computed it
     assert alone.reused == {"sinks": first.run_id} and alone.units_run == 0
+    assert run_duration(store.runs(), alone.run_id) == f"sinks reused from run {first.run_id} ({census_time})"
     assert lens.census(smollm2, ["sinks"], store, limit=1, seed=1).reused == {}  # another seed: computed
     fresh = lens.census(smollm2, ["sinks"], store, limit=1, fresh=True)
     assert fresh.reused == {} and fresh.units_run == 2
