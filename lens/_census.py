@@ -378,7 +378,7 @@ def census_seeds(model, detectors: Sequence[str] | None = None, store: ReportSto
         rows = [_pooled_claim(claim, group, seed_of) for claim, group in claims.groupby("claim", sort=False)]
         frame = pd.DataFrame(rows, columns=[c for c in claims.columns if c not in ("run_id", "model", "detector")])
         manifest = store.runs(run_id=run_ids[0], detector=name).drop(columns=["run_id", "model", "detector"]).iloc[[0]]
-        manifest = manifest.assign(seed=-1, reports="summary", finished_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+        manifest = manifest.assign(seed=-1, reports="summary", finished_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), reused_from=None)
         reports = [Report("summary", frame)]
         _write_detector(store, model, pooled_id, name, reports, manifest.iloc[0].to_dict())
         pooled.reports[name] = _stored_reports(store, pooled_id, name)
