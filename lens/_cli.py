@@ -171,7 +171,7 @@ def _cmd_census(args) -> int:
     for source in dict.fromkeys(result.reused.values()):
         names = ", ".join(name for name, run in result.reused.items() if run == source)
         console.print(f"{names}: equal settings already computed in run {source}; its reports are reused, not recomputed (--fresh recomputes)")
-    if not result.units_run:
+    if not result.units_run and not result.reused:
         console.print(f"run {result.run_id} had already finished in {args.store}: nothing recomputed (--fresh starts a new run)")
     elif result.resumed_units:
         console.print(f"resumed run {result.run_id}: {result.resumed_units} finished units kept, not recomputed")

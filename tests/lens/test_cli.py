@@ -271,3 +271,24 @@ def test_report_markdown_rewrites_only_the_results_section_of_a_page(capsys, tmp
     section = text.split("<!-- results:begin -->")[1]
     assert "### sinks" in section and "sinks.sink_rate" in section and "sinks.first_token_importance" not in section  # paper claims only
     assert f"tiny-llama ({run_id}, " in section
+
+
+def test_census_says_what_it_reused_and_from_which_run(capsys, tmp_path):
+    store = str(tmp_path / "store")
+    assert main(["census", "--model", "tiny-llama", "--detectors", "sinks", "--limit", "1", "--store", store]) == 0
+    first = capsys.readouterr()
+    import lens
+
+    computed = lens.ReportStore(store).latest_run()
+    code, _, err = _run(capsys, "census", "--model", "tiny-llama", "--detectors", "sinks", "--limit", "1", "--param", "sinks.eps=0.2",
+                        "--store", store)  # other settings: computed
+    assert code == 0 and "reused" not in err
+    code, _, err = _run(capsys, "census", "--model", "tiny-llama", "--detectors", "sinks,preplan_anchor", "--limit", "1",
+                        "--param", "preplan_anchor.max_new_tokens=4", "--store", store)
+    err = " ".join(err.split())  # the console wraps long lines
+    assert code == 0 and f"sinks: equal settings already computed in run {computed}" in err and "had already finished" not in err
+    assert "reused" not in first.err
+    code, _, err = _run(capsys, "census", "--model", "tiny-llama", "--detectors", "preplan_anchor", "--limit", "1",
+                        "--param", "preplan_anchor.max_new_tokens=4", "--store", store)  # everything reused: a new run, not a finished one
+    err = " ".join(err.split())
+    assert code == 0 and "preplan_anchor: equal settings already computed" in err and "had already finished" not in err
