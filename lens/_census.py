@@ -252,9 +252,10 @@ def census(
     finished = set(store.runs(run_id=run_id)["detector"]) if "runs" in store.report_types() else set()
     if not fresh:
         for name in instances:
-            if name not in finished and _reuse_detector(store, model, run_id, name, specs[name], params_json[name], probe_hashes[name]):
+            source = None if name in finished else _reuse_detector(store, model, run_id, name, specs[name], params_json[name], probe_hashes[name])
+            if source is not None:
                 finished.add(name)
-                result.reused[name] = str(store.runs(run_id=run_id, detector=name)["reused_from"].iloc[0])
+                result.reused[name] = source
     pending = [name for name in instances if name not in finished]
     if pending:
         job = _Job(model, store, run_id, {name: specs[name] for name in pending}, probe_sets, shard_size, on_progress, result)
@@ -400,13 +401,13 @@ def _pooled_claim(claim: str, group: pd.DataFrame, seed_of: Mapping[str, int]) -
     }
 
 
-def _reuse_detector(store: ReportStore, model, run_id: str, name: str, spec: DetectorSpec, params_json: str, probe_hash: str) -> bool:
+def _reuse_detector(store: ReportStore, model, run_id: str, name: str, spec: DetectorSpec, params_json: str, probe_hash: str) -> str | None:
     """Copy detector ``name``'s reports from the newest finished run in ``store`` that computed it with
     everything that determines them equal (model weights, dtype and device type, parameters, probe
-    set, seed, BOS policy, package versions) into run ``run_id``; whether one was found. A census
+    set, seed, BOS policy, package versions) into run ``run_id``; the run that computed them, or None. A census
     that changes one detector's parameters recomputes that detector alone."""
     if "runs" not in store.report_types():
-        return False
+        return None
     versions = package_versions()
     candidates = store.runs(model=model.name, detector=name, seed=spec.seed, bos=spec.bos, params=params_json, probe_hash=probe_hash,
                             model_fingerprint=model.info.fingerprint, dtype=_model_dtype(model))
@@ -421,8 +422,8 @@ def _reuse_detector(store: ReportStore, model, run_id: str, name: str, spec: Det
         manifest = {column: getattr(row, column) for column in candidates.columns if column not in ("run_id", "model", "detector")}
         manifest["reused_from"] = row.reused_from if isinstance(row.reused_from, str) and row.reused_from else row.run_id  # the run that computed them
         _write_detector(store, model, run_id, name, reports, manifest)
-        return True
-    return False
+        return manifest["reused_from"]
+    return None
 
 
 def _write_detector(store: ReportStore, model, run_id: str, name: str, reports: list[Report], manifest: dict) -> None:
