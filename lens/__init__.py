@@ -22,7 +22,7 @@ from lens._models.errors import UnsupportedArchitectureError
 from lens._models.model import Model, ModelInfo, PromptTooLongError, UnknownModelError, load
 from lens._store.schema import ReportSchema, SchemaMismatchError, schema_for
 from lens._store.store import Report, StoreError
-from lens._generate import Generation, chat_prompt, generate
+from lens._generate import Generation, chat_prompt, generate, generate_each
 
 # The application layer (census, explorer, views) sits above the detectors, which import the core
 # above; it loads on first use, so ``import probes`` never re-enters ``lens`` half-initialised. Every
@@ -76,6 +76,7 @@ __all__ = [
     "lockstep",
     "chat_prompt",
     "generate",
+    "generate_each",
     "Generation",
     "AddToQuery",
     "attention_explorer",

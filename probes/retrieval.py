@@ -52,8 +52,7 @@ from torch import Tensor
 from lens._capture.interventions import Intervention, ZeroQuery, _rows
 from lens._capture.needs import AttentionBlock, AttentionRows
 from lens._capture.session import session
-from lens._generate import Generation, chat_prompt, generate
-from lens._models.model import Prefix
+from lens._generate import Generation, chat_prompt, generate, generate_each
 from lens._store.schema import HEAD, LAYER, Column, ReportSchema
 from lens._store.store import Report
 from metrics.retrieval import (
@@ -531,23 +530,21 @@ class Retrieval(Detector):
         params = self.params
         rows = []
         for trial in trials:
-            prefix = None if params.mask_prompt else self._prompt_prefix(trial.prompt_tokens)
-            answers: dict[tuple, str] = {}  # a head set masked twice (K capped alike) is decoded once
-            for plan in plans:
-                conditions = [("top", 0, plan.top)] if plan.draws else []
-                conditions += [(control, d, heads) for control, draws in plan.draws.items() for d, heads in enumerate(draws)]
-                for condition, draw, heads in conditions:
-                    key = tuple(heads)
-                    if key not in answers:
-                        answers[key] = self._masked_answer(trial, heads, prefix)
-                    answer = answers[key]
-                    rows.append(
-                        {
-                            "probe": trial.probe, "condition": condition, "k_requested": plan.k_requested, "k_used": len(plan.top), "draw": draw,
-                            "correct": contains_verbatim(trial.needle, answer), "recall": unigram_recall(trial.needle, answer), "answer": answer,
-                            "heads": " ".join(head_label(*lh) for lh in heads), "mask": params.mask, "mask_prompt": params.mask_prompt,
-                        }
-                    )
+            conditions = [
+                (plan, condition, draw, heads)
+                for plan in plans
+                for condition, draw, heads in ([("top", 0, plan.top)] if plan.draws else [])
+                + [(control, d, heads) for control, draws in plan.draws.items() for d, heads in enumerate(draws)]
+            ]
+            answers = self._masked_answers(trial, [heads for *_, heads in conditions])
+            for (plan, condition, draw, heads), answer in zip(conditions, answers):
+                rows.append(
+                    {
+                        "probe": trial.probe, "condition": condition, "k_requested": plan.k_requested, "k_used": len(plan.top), "draw": draw,
+                        "correct": contains_verbatim(trial.needle, answer), "recall": unigram_recall(trial.needle, answer), "answer": answer,
+                        "heads": " ".join(head_label(*lh) for lh in heads), "mask": params.mask, "mask_prompt": params.mask_prompt,
+                    }
+                )
         return pd.DataFrame(rows, columns=RETRIEVAL_ABLATION.column_names[3:]) if rows else RETRIEVAL_ABLATION.empty_rows()
 
     def _masking(self, ablation: pd.DataFrame, plans: list[MaskingPlan], n_trials: int, reason: str) -> tuple[pd.DataFrame, list[Claim]]:
@@ -590,23 +587,27 @@ class Retrieval(Detector):
         ]
         return frame, claims
 
-    def _prompt_prefix(self, prompt_tokens: Tensor) -> Prefix:
-        """Every prompt token but the last, run once unmasked: with decoding-only masking every condition
-        shares it, as the reference prefilled once and masked from the last prompt token on. It keeps
-        every key (``Model.run_prefix``), so masks apply at absolute positions past Gemma 3's window."""
-        return self.model.run_prefix(prompt_tokens[:-1])
-
-    def _masked_answer(self, trial: Trial, heads: list[tuple[int, int]], prefix: Prefix | None = None) -> str:
+    def _masked_answers(self, trial: Trial, head_sets: list[list[tuple[int, int]]]) -> list[str]:
+        """The trial's answer with each head set masked, decoded as batches (``generate_each``). A head
+        set listed twice (K capped alike) is decoded once. With decoding-only masking every set shares
+        the prompt's first tokens run once unmasked, as the reference prefilled once and masked from the
+        last prompt token on; the prefix keeps every key (``Model.run_prefix``), so masks apply at
+        absolute positions past Gemma 3's window."""
         params = self.params
         n_prompt = len(trial.prompt_tokens)
         positions = None if params.mask_prompt else list(range(n_prompt - 1, n_prompt - 1 + params.max_new_tokens))
         edit = ZeroQuery if params.mask == "query" else ZeroHeadOutput
-        by_layer: dict[int, list[int]] = {}
-        for layer, head in heads:
-            by_layer.setdefault(layer, []).append(head)
-        interventions = [edit(layer, layer_heads, positions) for layer, layer_heads in sorted(by_layer.items())]
-        with session(self.model, interventions=interventions):
-            return generate(self.model, trial.prompt_tokens, max_new_tokens=params.max_new_tokens, prefix=prefix).text
+        distinct = list(dict.fromkeys(tuple(heads) for heads in head_sets))
+        interventions = []
+        for heads in distinct:
+            by_layer: dict[int, list[int]] = {}
+            for layer, head in heads:
+                by_layer.setdefault(layer, []).append(head)
+            interventions.append([edit(layer, layer_heads, positions) for layer, layer_heads in sorted(by_layer.items())])
+        prefix = None if params.mask_prompt else self.model.run_prefix(trial.prompt_tokens[:-1])
+        generations = generate_each(self.model, trial.prompt_tokens, interventions, max_new_tokens=params.max_new_tokens, prefix=prefix)
+        answer = {heads: generation.text for heads, generation in zip(distinct, generations)}
+        return [answer[tuple(heads)] for heads in head_sets]
 
     def _summary(self, scores: pd.DataFrame, counted: Tensor, interval_method: str, masking_claims: list[Claim]) -> Report:
         params = self.params

@@ -34,6 +34,7 @@ from lens._models.architectures import ArchitectureAdapter, adapter_for
 from lens._models.errors import UnknownModelError, UnsupportedArchitectureError
 from lens._models.catalog import CATALOG, cached_fingerprint, ensure_cached, known_models
 from lens._models.fingerprint import weights_fingerprint
+from lens._models.kv_cache import new_cache
 
 
 BOS_POLICIES = ("auto", "always", "never")
@@ -113,10 +114,9 @@ class Model:
     def new_cache(self):
         """An empty KV cache that keeps the key of every position on every layer. transformers' default
         (``DynamicCache(config=...)``) keeps only the last window on sliding-window layers, which capture
-        refuses: it reads key ``s`` as position ``s``. With every key kept, the mask applies the window."""
-        from transformers import DynamicCache
-
-        return DynamicCache()
+        refuses: it reads key ``s`` as position ``s``. With every key kept, the mask applies the window.
+        Its layers append in place (``lens/_models/kv_cache.py``) rather than copy the cache each step."""
+        return new_cache()
 
     def prefix_cache(self, tokens: Tensor):
         """The KV cache of ``tokens`` (``[pos]`` or ``[batch, pos]``), keeping every key: run a prefix once,

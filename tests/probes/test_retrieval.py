@@ -13,7 +13,7 @@ import lens
 from metrics.retrieval import copy_hits, rank_heads, retrieval_credit, unigram_recall
 from probes import ProbeError
 from probes._base import builtin_probe_file
-from probes.retrieval import PRESETS, Retrieval, RetrievalParams, decode_time_scores, masking_plans, prose_paragraphs
+from probes.retrieval import PRESETS, Retrieval, RetrievalParams, ZeroHeadOutput, decode_time_scores, masking_plans, prose_paragraphs
 
 SHORT = {"lengths": "[200]", "depths": "[0.3, 0.9]", "ablation_ks": "[5, 300]", "ablation_draws": "2", "ablation_trials": "1", "max_new_tokens": "30"}
 
@@ -217,19 +217,26 @@ def test_presets_and_needle_set():
     assert sum(len(p) for p in prose_paragraphs()) > 100_000
 
 
-def test_shared_prompt_prefix_equals_masked_generation_from_scratch(smollm2):
+def test_batched_masked_answers_equal_each_masked_generation_from_scratch(smollm2):
+    """The masking test decodes every head set of a trial as one batch after a shared unmasked prefix;
+    each answer equals that head set masked alone, decoded from the first prompt token."""
     detector = Retrieval(smollm2, RetrievalParams(lengths=[150], depths=[0.5], max_new_tokens=12))
     probe = detector.builtin_probes()[0]
-    tokens = detector.tokens(probe["prompt"])
     for forward in detector.passes(probe, 0):
         lens.capture(smollm2, forward.tokens, forward.needs)
         forward.done()
     trial = detector.trials[0]
-    heads = [(18, 6), (17, 4), (17, 3)]
-    shared = detector._masked_answer(trial, heads, detector._prompt_prefix(tokens))
-    assert shared == detector._masked_answer(trial, heads)
-    detector.params.mask = "output"
-    assert detector._masked_answer(trial, heads, detector._prompt_prefix(tokens)) == detector._masked_answer(trial, heads)
+    n_prompt = len(trial.prompt_tokens)
+    decoding = list(range(n_prompt - 1, n_prompt - 1 + 12))
+    head_sets = [[(18, 6), (17, 4), (17, 3)], [], [(18, 6), (17, 4), (17, 3)], [(2, 1), (20, 5)], [(layer, head) for layer in (0, 1, 2) for head in range(9)]]
+    for mask, edit in (("query", lens.ZeroQuery), ("output", ZeroHeadOutput)):
+        detector.params.mask = mask
+        alone = []
+        for heads in head_sets:
+            with lens.session(smollm2, interventions=[edit(layer, [head], decoding) for layer, head in heads]):
+                alone.append(lens.generate(smollm2, trial.prompt_tokens, max_new_tokens=12).text)
+        assert detector._masked_answers(trial, head_sets) == alone
+        assert len(set(alone)) >= 2, f"with mask={mask}, some head set must change the answer for the comparison to mean anything"
 
 
 def test_views_draw_intervals_and_say_n(short_census):
