@@ -178,7 +178,11 @@ class CircuitParams(Params):
 
 
 def task_specs() -> dict:
-    return json.loads(resources.files("probes").joinpath("data", "circuits.json").read_text(encoding="utf-8"))
+    """The built-in tasks of probes/data/circuits.json. A task with ``"like": other`` is generated as
+    ``other`` is, from ``other``'s fields with its own laid over them (the one-object colour task
+    shares the Colored Objects lists and stages)."""
+    specs = json.loads(resources.files("probes").joinpath("data", "circuits.json").read_text(encoding="utf-8"))
+    return {task: specs[spec["like"]] | spec if "like" in spec else spec | {"like": task} for task, spec in specs.items()}
 
 
 def _single_token_words(tokenizer, words: list[str]) -> list[str]:
@@ -199,9 +203,10 @@ def generate_pairs(tokenizer, task: str, n: int, rng: random.Random) -> list[dic
     if task not in spec:
         raise ProbeError(f"circuits: unknown built-in task {task!r}; built-in: {sorted(spec)}")
     spec = spec[task]
+    kind = spec["like"]
     pairs = []
     for index in range(n):
-        if task == "ioi":
+        if kind == "ioi":
             # Mixed ABBA / BABA; the corruption replaces S2 by the indirect object (Merullo et al.).
             io, s = rng.sample(_single_token_words(tokenizer, spec["names"]), 2)
             template = rng.choice(spec["templates"])
@@ -210,11 +215,11 @@ def generate_pairs(tokenizer, task: str, n: int, rng: random.Random) -> list[dic
             clean = template.format(B=first, A=second, S2=s, **fill)
             corrupt = template.format(B=first, A=second, S2=io, **fill)
             pairs.append(dict(task=task, clean=clean, corrupt=corrupt, target=" " + io, foil=" " + s))
-        elif task in ("colored_objects", "colored_object"):
+        elif kind == "colored_objects":
             # One solved example, then the question. Three objects a scene: the corruption asks about
             # another object of the same scene, whose colour is the foil. One object a scene (the task
             # both embedded models can do): the corruption gives that object another colour.
-            n_objects = 3 if task == "colored_objects" else 1
+            n_objects = spec["objects_per_scene"]
             colors = [c for c in spec["colors"] if len(tokenizer.encode(" " + c.capitalize(), add_special_tokens=False)) == 1]
             if n_objects == 1:  # "a red" -> "an orange" would change two tokens, not one
                 colors = [c for c in colors if c[0] not in "aeiou"]
@@ -222,9 +227,9 @@ def generate_pairs(tokenizer, task: str, n: int, rng: random.Random) -> list[dic
             shot_colors, shot_objects = rng.sample(colors, n_objects), rng.sample(objects, n_objects)
             shot_asked = rng.randrange(n_objects)
             shot = _colored_scene(spec, shot_colors, shot_objects, rng, shot_asked) + " " + shot_colors[shot_asked].capitalize() + "\n"
-            scene_colors, scene_objects = rng.sample(colors, 3), rng.sample(objects, n_objects)
-            if n_objects == 3:
-                asked, other = rng.sample(range(3), 2)
+            scene_colors, scene_objects = rng.sample(colors, max(3, n_objects)), rng.sample(objects, n_objects)
+            if n_objects > 1:
+                asked, other = rng.sample(range(n_objects), 2)
                 corrupt_colors, corrupt_asked = scene_colors, other
             else:
                 asked, other = 0, 1
@@ -235,7 +240,7 @@ def generate_pairs(tokenizer, task: str, n: int, rng: random.Random) -> list[dic
             corrupt = shot + _colored_scene(spec, corrupt_colors, scene_objects, rng, corrupt_asked)
             target, foil = " " + scene_colors[asked].capitalize(), " " + scene_colors[other].capitalize()
             pairs.append(dict(task=task, clean=clean, corrupt=corrupt, target=target, foil=foil))
-        elif task == "capitals":
+        elif kind == "capitals":
             facts = [f for f in spec["facts"] if len(_single_token_words(tokenizer, f)) == 2]
             (country, capital), (other_country, other_capital) = rng.sample(facts, 2)
             pairs.append(
@@ -247,7 +252,7 @@ def generate_pairs(tokenizer, task: str, n: int, rng: random.Random) -> list[dic
                     foil=" " + other_capital,
                 )
             )
-        elif task == "induction":
+        elif kind == "induction":
             # A random word sequence repeated up to a point: the next word is the one that followed the
             # last word in the first half. The corruption swaps that word in the first half only.
             words = _single_token_words(tokenizer, spec["words"])
@@ -265,7 +270,7 @@ def generate_pairs(tokenizer, task: str, n: int, rng: random.Random) -> list[dic
                 )
             )
         else:
-            raise ProbeError(f"circuits: no generator for task {task!r}")
+            raise ProbeError(f"circuits: no generator for task {task!r} (like {kind!r})")
     return pairs
 
 
