@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import probes as detector_registry
 from lens._units import DetectorSpec, Unit, load_spec, reduce_detector, run_map, run_stage
 
 EXECUTORS = ("local", "ray")
@@ -94,23 +95,31 @@ class RayExecutor:
 
     def stages(self, chains: Mapping[str, tuple[DetectorSpec, list, dict, list[str]]]) -> Iterator[tuple[str, str, Any]]:
         """Stages of different detectors run in parallel; one detector's stages run in order, each
-        given the results of those before it."""
+        given the results of those before it, unless the detector declares ``independent_stages``:
+        then as many of its stages run at once as there are idle workers."""
         ray = self.ray
         states = {detector: ray.put(chain[1]) for detector, chain in chains.items()}
         earlier = {detector: dict(chain[2]) for detector, chain in chains.items()}
         pending = {detector: list(chain[3]) for detector, chain in chains.items() if chain[3]}
+        independent = {detector for detector in chains if detector_registry.get(detector).independent_stages}
         idle = list(self.actors)
         running: dict[object, tuple[str, str, object]] = {}
+
+        def launch(detector: str) -> None:
+            name = pending[detector].pop(0)
+            if not pending[detector]:
+                del pending[detector]
+            actor = idle.pop()
+            running[actor.stage.remote(chains[detector][0], states[detector], earlier[detector], name)] = (detector, name, actor)
+
         while pending or running:
-            for detector in [d for d in pending if d not in {tag[0] for tag in running.values()}]:
-                if not idle:
-                    break
-                name = pending[detector].pop(0)
-                if not pending[detector]:
-                    del pending[detector]
-                actor = idle.pop()
-                ref = actor.stage.remote(chains[detector][0], states[detector], earlier[detector], name)
-                running[ref] = (detector, name, actor)
+            busy = {tag[0] for tag in running.values()}
+            for detector in [d for d in pending if d not in busy]:  # a stage for every waiting detector first,
+                if idle:
+                    launch(detector)
+            for detector in [d for d in pending if d in independent]:  # then independent ones fill the rest
+                while idle and detector in pending:
+                    launch(detector)
             ready, _ = ray.wait(list(running), num_returns=1)
             detector, name, actor = running.pop(ready[0])
             idle.append(actor)

@@ -299,6 +299,10 @@ class Detector:
         test, training, a patching sweep), in order; each is a unit of its own, kept once done."""
         return []
 
+    # True when no stage reads another's result (``self.stage``), so an executor with several workers
+    # may run them at once (the circuits detector's per-task sweeps); False: in order, one at a time.
+    independent_stages: ClassVar[bool] = False
+
     def run_stage(self, name: str) -> Any:
         """Compute stage ``name`` from the merged state (and earlier stages); the result must pickle."""
         raise KeyError(f"detector {self.name!r} has no stage {name!r}")

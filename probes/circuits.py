@@ -741,6 +741,8 @@ class Circuits(Detector):
     def stages(self) -> list[str]:
         return [f"task:{task}" for task in self._pairs]  # each task's patching sweeps, a unit each
 
+    independent_stages = True  # one task's sweeps never read another's
+
     def run_stage(self, name: str):
         task = name.removeprefix("task:")
         return self._analyse(task, self._pairs[task]) if task in self._pairs else super().run_stage(name)
