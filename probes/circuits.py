@@ -35,6 +35,7 @@ import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cache
 from importlib import resources
 from itertools import combinations
 from typing import Annotated, Literal
@@ -177,10 +178,12 @@ class CircuitParams(Params):
 # -- tasks ------------------------------------------------------------------------------------------
 
 
+@cache
 def task_specs() -> dict:
     """The built-in tasks of probes/data/circuits.json. A task with ``"like": other`` is generated as
     ``other`` is, from ``other``'s fields with its own laid over them (the one-object colour task
-    shares the Colored Objects lists and stages)."""
+    shares the Colored Objects lists and stages). Read once per process, so a census's pairs and its
+    later path stages come from the same file even if it is edited while the census runs."""
     specs = json.loads(resources.files("probes").joinpath("data", "circuits.json").read_text(encoding="utf-8"))
     return {task: specs[spec["like"]] | spec if "like" in spec else spec | {"like": task} for task, spec in specs.items()}
 
