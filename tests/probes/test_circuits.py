@@ -15,7 +15,7 @@ import torch
 import lens
 from metrics.circuits import logit_difference
 from probes import ProbeError
-from probes.circuits import BUILTIN_TASKS, CircuitParams, Circuits, Pair, Stage, generate_pairs
+from probes.circuits import BUILTIN_TASKS, CircuitParams, Circuits, Pair, Stage, generate_pairs, task_stages
 
 
 def write_probes(path, probes):
@@ -42,6 +42,9 @@ def test_builtin_tasks_are_well_formed(smollm2):
         assert pair["corrupt"].count(subject) == 1 and pair["corrupt"].count(io) == 2
     orders = {p["clean"].index(p["target"].strip()) < p["clean"].index(p["foil"].strip()) for p in generate_pairs(tokenizer, "ioi", 4, random.Random(3))}
     assert orders == {True, False}  # ABBA and BABA both present
+    # The one-object task is Colored Objects with one object a scene: its lists and its three path stages.
+    assert task_stages("colored_object") == task_stages("colored_objects") and len(task_stages("colored_object")) == 3
+    assert all(p["clean"].count(" color is the ") == 2 and p["clean"].count(", and ") == 0 for p in generate_pairs(tokenizer, "colored_object", 8, random.Random(5)))
 
 
 def test_the_one_object_colour_task_is_one_the_model_can_do(smollm2):
