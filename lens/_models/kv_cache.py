@@ -6,8 +6,8 @@ batch of rows multiplies it. ``AppendingLayer`` keeps spare room after the fille
 keys and values into it; ``keys`` and ``values`` are views of the filled part, with the same values
 ``DynamicLayer`` would hold. Whatever replaces them (cropping, repeating over a batch, a deep copy,
 moving devices) leaves a tensor that is not a view of the room, and the next append starts a new room
-from it. Under autograd the layer concatenates, as ``DynamicLayer`` does: writing in place into a
-tensor that earlier steps read would break their gradients.
+from it. With gradients enabled the layer concatenates, as ``DynamicLayer`` does: an in-place write
+into the room would invalidate the keys an earlier step saved for its backward pass.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class AppendingLayer(DynamicLayer):
     _value_room: Tensor | None = None
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+        if torch.is_grad_enabled():
             return super().update(key_states, value_states, *args, **kwargs)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)

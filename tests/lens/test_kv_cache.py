@@ -17,6 +17,7 @@ def _same(ours: DynamicCache, theirs: DynamicCache) -> bool:
     return all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values) for a, b in zip(ours.layers, theirs.layers, strict=True))
 
 
+@torch.no_grad()
 def test_appending_equals_dynamic_cache_through_crop_repeat_copy_and_select():
     ours, theirs = new_cache(), DynamicCache()
     steps = [(1, 70), (1, 1), (1, 1), ("crop", -2), (1, 5), ("repeat", 3), (3, 1), ("copy", None), (3, 200), ("select", [2, 0]), (2, 1)]
@@ -38,6 +39,7 @@ def test_appending_equals_dynamic_cache_through_crop_repeat_copy_and_select():
     assert all(isinstance(layer, AppendingLayer) for layer in ours.layers)
 
 
+@torch.no_grad()
 def test_appends_in_place_and_keeps_earlier_copies_intact():
     cache = new_cache()
     cache.update(*_states(1, 10, 0), 0)
@@ -48,8 +50,13 @@ def test_appends_in_place_and_keeps_earlier_copies_intact():
     assert kept.get_seq_length() == 10 and torch.equal(kept.layers[0].keys, _states(1, 10, 0)[0])
 
 
-def test_under_autograd_it_concatenates_and_gradients_flow():
+def test_with_gradients_enabled_it_concatenates_and_gradients_flow():
     cache = new_cache()
+    cache.update(*_states(1, 3, 2), 1)
+    before = cache.layers[1].keys
+    cache.update(*_states(1, 1, 3), 1)
+    assert cache.layers[1].keys.data_ptr() != before.data_ptr(), "a new tensor each step: one saved for backward is never written into"
+
     first = _states(1, 4, 0)[0].requires_grad_()
     cache.update(first, first * 2, 0)
     keys, values = cache.update(first[..., :1, :] * 3, first[..., :1, :], 0)
