@@ -16,7 +16,7 @@ import random
 import time
 
 import lens
-from probes.retrieval import prose
+from probes.retrieval import head_masks, prose
 
 
 def main() -> None:
@@ -32,12 +32,7 @@ def main() -> None:
     decoding = list(range(len(prompt) - 1, len(prompt) - 1 + args.tokens))
     heads = [(layer, head) for layer in range(model.info.n_layers) for head in range(model.info.n_heads)]
     rng = random.Random(0)
-    conditions = []
-    for _ in range(args.head_sets):
-        by_layer: dict[int, list[int]] = {}
-        for layer, head in rng.sample(heads, 10):
-            by_layer.setdefault(layer, []).append(head)
-        conditions.append([lens.ZeroQuery(layer, layer_heads, decoding) for layer, layer_heads in sorted(by_layer.items())])
+    conditions = [head_masks(lens.ZeroQuery, rng.sample(heads, 10), decoding) for _ in range(args.head_sets)]
     prefix = model.run_prefix(prompt[:-1])
     timings, answers = {}, {}
     for name, budget in (("one at a time", 1), ("batched", args.memory_budget)):

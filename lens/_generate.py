@@ -8,7 +8,6 @@ step's query sits at its absolute position on sliding-window layers too.
 
 from __future__ import annotations
 
-import copy
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -78,13 +77,11 @@ def generate(
     model.check_length(len(prompt_tokens) + max_new_tokens, what="prompt plus answer")
     generator = torch.Generator(device=model.device).manual_seed(seed)
 
-    def choose(logits: Tensor) -> list[int]:
-        if temperature > 0:
-            return torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0].tolist()
-        return logits.argmax(-1).tolist()
+    def sample(logits: Tensor) -> list[int]:
+        return torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0].tolist()
 
-    past = copy.deepcopy(prefix.cache) if prefix is not None else model.new_cache() if past_key_values is None else past_key_values
-    return _decode(model, prompt_tokens, past, 1, choose, max_new_tokens, stop_at_newline)[0]
+    past = prefix.copy() if prefix is not None else model.new_cache() if past_key_values is None else past_key_values
+    return _decode(model, prompt_tokens, past, 1, sample if temperature > 0 else _greedy, max_new_tokens, stop_at_newline)[0]
 
 
 def generate_each(
@@ -110,12 +107,14 @@ def generate_each(
     for start in range(0, len(interventions), per_batch):
         rows = interventions[start : start + per_batch]
         edits = [ItemEdit(edit, BatchItem(row, length=_EVERY_POSITION)) for row, row_edits in enumerate(rows) for edit in row_edits]
-        past = copy.deepcopy(prefix.cache) if prefix is not None else model.new_cache()
-        if len(rows) > 1:
-            past.batch_repeat_interleave(len(rows))
+        past = prefix.copy(len(rows)) if prefix is not None else model.new_cache()
         with session(model, interventions=edits):
-            answers += _decode(model, prompt_tokens, past, len(rows), lambda logits: logits.argmax(-1).tolist(), max_new_tokens, stop_at_newline)
+            answers += _decode(model, prompt_tokens, past, len(rows), _greedy, max_new_tokens, stop_at_newline)
     return answers
+
+
+def _greedy(logits: Tensor) -> list[int]:
+    return logits.argmax(-1).tolist()
 
 
 def _decode(model, prompt_tokens: Tensor, past, n_rows: int, choose, max_new_tokens: int, stop_at_newline: bool) -> list[Generation]:

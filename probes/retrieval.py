@@ -38,6 +38,7 @@ import itertools
 import math
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Annotated, Literal
@@ -235,6 +236,14 @@ class Trial:
 
 def head_label(layer: int, head: int) -> str:
     return f"L{layer}.H{head}"
+
+
+def head_masks(edit: type[Intervention], heads: Sequence[tuple[int, int]], positions: list[int] | None) -> list[Intervention]:
+    """One ``edit(layer, heads of that layer, positions)`` per layer that ``heads`` (layer, head) touch."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in heads:
+        by_layer.setdefault(layer, []).append(head)
+    return [edit(layer, layer_heads, positions) for layer, layer_heads in sorted(by_layer.items())]
 
 
 def sentence_boundaries(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -598,12 +607,7 @@ class Retrieval(Detector):
         positions = None if params.mask_prompt else list(range(n_prompt - 1, n_prompt - 1 + params.max_new_tokens))
         edit = ZeroQuery if params.mask == "query" else ZeroHeadOutput
         distinct = list(dict.fromkeys(tuple(heads) for heads in head_sets))
-        interventions = []
-        for heads in distinct:
-            by_layer: dict[int, list[int]] = {}
-            for layer, head in heads:
-                by_layer.setdefault(layer, []).append(head)
-            interventions.append([edit(layer, layer_heads, positions) for layer, layer_heads in sorted(by_layer.items())])
+        interventions = [head_masks(edit, heads, positions) for heads in distinct]
         prefix = None if params.mask_prompt else self.model.run_prefix(trial.prompt_tokens[:-1])
         generations = generate_each(self.model, trial.prompt_tokens, interventions, max_new_tokens=params.max_new_tokens, prefix=prefix)
         answer = {heads: generation.text for heads, generation in zip(distinct, generations)}

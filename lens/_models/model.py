@@ -221,6 +221,14 @@ class Prefix:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.cache.layers for t in (layer.keys, layer.values))
 
+    def copy(self, rows: int = 1):
+        """A cache of its own holding the prefix, repeated over ``rows`` batch rows: extending it leaves
+        this prefix as it is, so one prefix serves many continuations."""
+        cache = copy.deepcopy(self.cache)
+        if rows > 1:
+            cache.batch_repeat_interleave(rows)
+        return cache
+
 
 @dataclass
 class Continuation:
@@ -236,8 +244,7 @@ class Continuation:
         if self.prefix is None:
             return decoder(input_ids=tokens, use_cache=False).last_hidden_state
         if self._batched is None or self._batched[0] != tokens.shape[0]:
-            cache = copy.deepcopy(self.prefix.cache)
-            cache.batch_repeat_interleave(tokens.shape[0])
+            cache = self.prefix.copy(tokens.shape[0])
             self._batched = (tokens.shape[0], cache)
         cache = self._batched[1]
         try:
