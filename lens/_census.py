@@ -31,7 +31,7 @@ from lens._executors import EXECUTORS, make_executor
 from lens._models.model import BOS_POLICIES
 from lens._probe_file import read_probe_file, probe_set_hash
 from lens._store.store import Report, ReportStore
-from lens._units import Checkpoints, DetectorSpec, ProgressCallback, Unit, map_units, reduce_detector
+from lens._units import Checkpoints, DetectorSpec, ProgressCallback, Unit, map_units, reduce_detector, timed
 from metrics.uncertainty import pool_seeds
 from probes._base import ProbeError
 
@@ -314,8 +314,8 @@ class _Job:
             runner = make_executor(executor, self.model, address=address, workers=workers, batched=batched)
             try:
                 self.report(self.done, self.total, "probes")
-                for unit, (state, n_passes) in runner.map(todo, self.specs):
-                    checkpoints.save(unit, state)
+                for unit, ((state, n_passes), cost) in runner.map(todo, self.specs):
+                    checkpoints.save(unit, state, cost)
                     self.result.n_forward_passes += n_passes
                     self._finished(f"{unit.detector} {unit.name}")
                 reducers = self._stages(runner)
@@ -325,9 +325,13 @@ class _Job:
             for name, reducer in reducers.items():
                 reducer.run_id, reducer.store = self.run_id, self.store
                 self.report(self.done, self.total, f"{name} reduce")
-                reports = reducer.finish()
+                reports, reduce_cost = timed(reducer.finish)
+                units = [*self.units[name], *(Unit(name, "stage", stage) for stage in reducer.stages())]
+                cost = checkpoints.cost(units)
+                cost = cost + reduce_cost if cost is not None else None
                 row = {**manifest(name), "versions": versions, "started_at": plan["created_at"],
-                       "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "reports": ",".join(sorted({r.type for r in reports}))}
+                       "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "reports": ",".join(sorted({r.type for r in reports})),
+                       "compute_s": cost.wall_s if cost else None, "cpu_s": cost.cpu_s if cost else None}
                 _write_detector(self.store, self.model, self.run_id, name, reports, row)
                 self._finished(f"{name} reduce")
         checkpoints.clear()
@@ -349,8 +353,8 @@ class _Job:
             if pending:
                 chains[name] = (self.specs[name], states[name], earlier, pending)
         self.report(self.done, self.total, "stages")
-        for name, stage, output in runner.stages(chains):
-            checkpoints.save(Unit(name, "stage", stage), output)
+        for name, stage, output, cost in runner.stages(chains):
+            checkpoints.save(Unit(name, "stage", stage), output, cost)
             reducers[name].stage_results[stage] = output
             self._finished(f"{name} {stage}")
         return reducers
@@ -378,8 +382,10 @@ def census_seeds(model, detectors: Sequence[str] | None = None, store: ReportSto
         claims = summaries[summaries["detector"] == name]
         rows = [_pooled_claim(claim, group, seed_of) for claim, group in claims.groupby("claim", sort=False)]
         frame = pd.DataFrame(rows, columns=[c for c in claims.columns if c not in ("run_id", "model", "detector")])
-        manifest = store.runs(run_id=run_ids[0], detector=name).drop(columns=["run_id", "model", "detector"]).iloc[[0]]
-        manifest = manifest.assign(seed=-1, reports="summary", finished_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), reused_from=None)
+        seed_rows = store.runs(run_id=run_ids, detector=name)
+        manifest = seed_rows[seed_rows["run_id"] == run_ids[0]].drop(columns=["run_id", "model", "detector"]).iloc[[0]]
+        manifest = manifest.assign(seed=-1, reports="summary", finished_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), reused_from=None,
+                                   **{cost: seed_rows[cost].sum(min_count=len(run_ids)) for cost in ("compute_s", "cpu_s")})  # what the seeds cost
         reports = [Report("summary", frame)]
         _write_detector(store, model, pooled_id, name, reports, manifest.iloc[0].to_dict())
         pooled.reports[name] = _stored_reports(store, pooled_id, name)

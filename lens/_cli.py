@@ -299,7 +299,9 @@ def _cmd_runs(args) -> int:
     if runs.empty:
         print(f"no finished runs in {args.store}")
         return 0
-    print(runs[["run_id", "model", "detector", "n_probes", "seed", "bos", "started_at", "reports"]].to_string(index=False))
+    # What each detector's units took (summed over resumes and workers); blank for runs made before costs were recorded.
+    runs["compute_min"] = (runs["compute_s"] / 60).round(1).astype("string").fillna("")
+    print(runs[["run_id", "model", "detector", "n_probes", "seed", "bos", "started_at", "compute_min", "reports"]].to_string(index=False))
     return 0
 
 

@@ -1,6 +1,6 @@
 """Where a census's units run: in this process (default), or as Ray tasks on actors that each hold
-one model replica. Both run the same functions (lens/_units.py); results come back to the driver,
-which alone writes the store, so workers need no shared filesystem.
+one model replica. Both run the same functions (lens/_units.py), timed where they run; results and
+their costs come back to the driver, which alone writes the store, so workers need no shared filesystem.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import probes as detector_registry
-from lens._units import DetectorSpec, Unit, load_spec, reduce_detector, run_map, run_stage
+from lens._units import DetectorSpec, Unit, UnitCost, load_spec, reduce_detector, run_map, run_stage, timed
 
 EXECUTORS = ("local", "ray")
 
@@ -26,19 +26,22 @@ class LocalExecutor:
     def __init__(self, model, *, batched: bool = True):
         self.model, self.batched = model, batched
 
-    def map(self, units: Sequence[Unit], specs: Mapping[str, DetectorSpec]) -> Iterator[tuple[Unit, tuple[dict, int]]]:
+    def map(self, units: Sequence[Unit], specs: Mapping[str, DetectorSpec]) -> Iterator[tuple[Unit, tuple[tuple[dict, int], UnitCost]]]:
+        """Yields (unit, ((merged state, forward passes), cost)) as each unit finishes."""
         for unit in units:
-            yield unit, run_map(self.model, specs[unit.detector], unit.probes, batched=self.batched)
+            yield unit, timed(run_map, self.model, specs[unit.detector], unit.probes, batched=self.batched)
 
-    def stages(self, chains: Mapping[str, tuple[DetectorSpec, list, dict, list[str]]]) -> Iterator[tuple[str, str, Any]]:
+    def stages(self, chains: Mapping[str, tuple[DetectorSpec, list, dict, list[str]]]) -> Iterator[tuple[str, str, Any, UnitCost]]:
         """Each detector's pending stages in order: ``chains[detector] = (spec, map states, finished
-        stage results, pending stage names)``; yields (detector, stage, result) as each finishes."""
+        stage results, pending stage names)``; yields (detector, stage, result, cost) as each finishes
+        (the first stage's cost includes merging the map states)."""
         for detector, (spec, states, earlier, pending) in chains.items():
-            reducer = reduce_detector(self.model, spec, states, earlier)  # merged once per detector
+            reducer, merge_cost = timed(reduce_detector, self.model, spec, states, earlier)  # merged once per detector
             for name in pending:
-                result = reducer.run_stage(name)
+                result, cost = timed(reducer.run_stage, name)
                 reducer.stage_results[name] = result
-                yield detector, name, result
+                yield detector, name, result, cost + merge_cost
+                merge_cost = UnitCost(0.0, 0.0)
 
     def close(self) -> None:
         pass
@@ -90,10 +93,10 @@ class RayExecutor:
             idle.append(actor)
             yield tag, ray.get(ready[0])
 
-    def map(self, units: Sequence[Unit], specs: Mapping[str, DetectorSpec]) -> Iterator[tuple[Unit, tuple[dict, int]]]:
+    def map(self, units: Sequence[Unit], specs: Mapping[str, DetectorSpec]) -> Iterator[tuple[Unit, tuple[tuple[dict, int], UnitCost]]]:
         yield from self._run((unit, ("map", specs[unit.detector], unit.probes)) for unit in units)
 
-    def stages(self, chains: Mapping[str, tuple[DetectorSpec, list, dict, list[str]]]) -> Iterator[tuple[str, str, Any]]:
+    def stages(self, chains: Mapping[str, tuple[DetectorSpec, list, dict, list[str]]]) -> Iterator[tuple[str, str, Any, UnitCost]]:
         """Stages of different detectors run in parallel; one detector's stages run in order, each
         given the results of those before it, unless the detector declares ``independent_stages``:
         then as many of its stages run at once as there are idle workers."""
@@ -123,9 +126,9 @@ class RayExecutor:
             ready, _ = ray.wait(list(running), num_returns=1)
             detector, name, actor = running.pop(ready[0])
             idle.append(actor)
-            result = ray.get(ready[0])
+            result, cost = ray.get(ready[0])
             earlier[detector][name] = result
-            yield detector, name, result
+            yield detector, name, result, cost
 
     def close(self) -> None:
         for actor in self.actors:
@@ -144,10 +147,10 @@ class _Worker:
         self.batched = batched
 
     def map(self, spec: DetectorSpec, probes):
-        return run_map(self.model, spec, probes, batched=self.batched)
+        return timed(run_map, self.model, spec, probes, batched=self.batched)
 
     def stage(self, spec: DetectorSpec, states, earlier, name: str):
-        return run_stage(self.model, spec, states, earlier, name)
+        return timed(run_stage, self.model, spec, states, earlier, name)
 
 
 def make_executor(kind: str, model, *, address: str | None = None, workers: int = 2, batched: bool = True):

@@ -9,8 +9,9 @@ A census is planned as units of (detector, kind, index):
   focus training, one task's patching sweeps) on the merged map states and the earlier stages.
 
 The functions that run units take everything as arguments (a model and picklable specs), so the
-in-process executor and Ray workers run the same code. ``Checkpoints`` keeps each finished unit's
-output in the store, atomically, so an interrupted census resumes without recomputing it.
+in-process executor and Ray workers run the same code, each unit timed where it runs (``timed``).
+``Checkpoints`` keeps each finished unit's output and its time in the store, atomically, so an
+interrupted census resumes without recomputing it and still knows what the whole run cost.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import fcntl
 import io
 import json
 import shutil
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -86,6 +88,25 @@ def lockstep(streams: Iterable[Iterator[ForwardPass]]) -> Iterator[list[ForwardP
             yield step
 
 
+@dataclass(frozen=True)
+class UnitCost:
+    """What computing something took where it ran: wall seconds and the process's CPU seconds (every
+    thread), so a run's cost adds up over its units however often it was interrupted and resumed."""
+
+    wall_s: float
+    cpu_s: float
+
+    def __add__(self, other: UnitCost) -> UnitCost:
+        return UnitCost(self.wall_s + other.wall_s, self.cpu_s + other.cpu_s)
+
+
+def timed(function: Callable[..., Any], *args, **kwargs) -> tuple[Any, UnitCost]:
+    """``function(*args, **kwargs)`` and what it cost."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = function(*args, **kwargs)
+    return result, UnitCost(time.perf_counter() - wall, time.process_time() - cpu)
+
+
 def run_map(model, spec: DetectorSpec, probes: Sequence[tuple[int, dict]], *, batched: bool = True) -> tuple[dict[str, Any], int]:
     """Run one shard: each probe in its own instance, their passes advanced in lockstep. Each step's
     passes (one per probe still running) are independent, so ``batched`` runs them several to a
@@ -128,7 +149,8 @@ class RunLockedError(StoreError):
 @dataclass
 class Checkpoints:
     """Finished units of one run: ``<store>/units/<run_id>/<detector>/<kind>/<name>.pt``, each written
-    atomically (a unit is finished exactly when its file exists), and the run's plan (``plan.json``)."""
+    atomically (a unit is finished exactly when its file exists) after its cost (``<name>.cost.json``),
+    and the run's plan (``plan.json``)."""
 
     store: ReportStore
     run_id: str
@@ -143,10 +165,26 @@ class Checkpoints:
     def done(self, unit: Unit) -> bool:
         return self.path(unit).exists()
 
-    def save(self, unit: Unit, output: Any) -> None:
+    def save(self, unit: Unit, output: Any, cost: UnitCost | None = None) -> None:
+        if cost is not None:
+            self.store.write_artifact(str(self._cost_path(unit).relative_to(self.store.path)), json.dumps(vars(cost)).encode())
         buffer = io.BytesIO()
         torch.save(output, buffer)
         self.store.write_artifact(str(self.path(unit).relative_to(self.store.path)), buffer.getvalue())
+
+    def _cost_path(self, unit: Unit) -> Path:
+        return self.folder / f"{unit.key}.cost.json"
+
+    def cost(self, units: Iterable[Unit]) -> UnitCost | None:
+        """The summed cost of these finished units; None when one was kept without its cost (a unit
+        finished before costs were recorded), since a partial sum would understate the run."""
+        total = UnitCost(0.0, 0.0)
+        for unit in units:
+            path = self._cost_path(unit)
+            if not path.exists():
+                return None
+            total = total + UnitCost(**json.loads(path.read_text(encoding="utf-8")))
+        return total
 
     def load(self, unit: Unit) -> Any:
         try:

@@ -54,6 +54,9 @@ RUNS = register_schema(
             Column("reports", "string", "report types the detector wrote, comma separated"),
             Column("dtype", "string", "torch dtype of the model's weights (empty in runs made before it was recorded)", nullable=True),
             Column("reused_from", "string", "the run whose equal results were copied instead of recomputed (empty: computed in this run)", nullable=True),
+            Column("compute_s", "float64", "wall seconds the detector's units took where they ran (probe shards, stages, reduce; model loading excluded), "
+                   "summed over resumes and workers (empty: a unit was kept before costs were recorded)", nullable=True),
+            Column("cpu_s", "float64", "CPU seconds of the same units, every thread of the processes that ran them", nullable=True),
         ),
     )
 )

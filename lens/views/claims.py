@@ -153,9 +153,11 @@ def claim_detail(rows: pd.DataFrame) -> str:
 
 
 def run_duration(runs: pd.DataFrame, run_id: str) -> str:
-    """A run's census time, first start to last finish over the detectors it computed (model loading
-    excluded), and for the detectors it reused, the run that computed them with that run's census
-    time: ``9 min 15 s`` or ``41 min 2 s; sinks reused from run R (9 min 15 s)``."""
+    """A run's census time over the detectors it computed, and for the detectors it reused, the run
+    that computed them with that run's census time: ``9 min 15 s computing (17 min 2 s CPU)`` or
+    ``...; sinks reused from run R (...)``. The time is the detectors' recorded unit costs summed
+    (over resumes and workers, model loading excluded); runs made before costs were recorded give
+    the span from the first start to the last finish instead, which counts any pause."""
     rows = runs[runs["run_id"] == run_id]
     reused = rows["reused_from"].fillna("") if "reused_from" in rows else pd.Series("", index=rows.index)
     parts = [_census_time(rows[reused == ""])] if (reused == "").any() else []
@@ -167,7 +169,9 @@ def run_duration(runs: pd.DataFrame, run_id: str) -> str:
 def _census_time(rows: pd.DataFrame) -> str:
     if rows.empty:
         return "census time unknown"
-    return _duration((pd.to_datetime(rows["finished_at"]).max() - pd.to_datetime(rows["started_at"]).min()).total_seconds())
+    if "compute_s" in rows and rows["compute_s"].notna().all():
+        return f"{_duration(rows['compute_s'].sum())} computing ({_duration(rows['cpu_s'].sum())} CPU)"
+    return _duration((pd.to_datetime(rows["finished_at"]).max() - pd.to_datetime(rows["started_at"]).min()).total_seconds()) + " start to finish"
 
 
 def _duration(seconds: float) -> str:

@@ -59,6 +59,10 @@ def test_interrupted_census_resumes_without_recomputing(smollm2, small_census, s
     assert resumed.units_run == 9 + 1 + 3 - 4
     assert "retrieval masking" in phases and "sinks reduce" in phases
     assert unfinished_runs(store) == [] and not (store.path / "units" / resumed.run_id).exists()
+    # Its cost adds up the units of both processes: each detector's kept and recomputed units are timed.
+    manifest = store.runs(run_id=resumed.run_id)
+    assert (manifest["compute_s"] > 0).all() and (manifest["cpu_s"] > 0).all()
+    assert "computing" in run_duration(store.runs(), resumed.run_id)
     # Three shards of one probe each give the reports of one shard of three.
     same_reports(store, resumed.run_id, reference_store, reference.run_id)
 
@@ -216,3 +220,4 @@ def test_seeds_are_pooled_claim_by_claim(smollm2, tmp_path):
         assert "pooled over seeds 0,1" in row["method"]
     manifest = store.runs(run_id=pooled.run_id)
     assert list(manifest["seed"]) == [-1] and list(manifest["reports"]) == ["summary"]
+    assert manifest["compute_s"].iloc[0] == pytest.approx(store.runs(run_id=[r.run_id for r in per_seed])["compute_s"].sum())  # what the seeds cost

@@ -36,7 +36,7 @@ def test_ray_stage_scheduler_runs_independent_stages_at_once_and_others_in_order
     from types import SimpleNamespace
 
     from lens._executors import RayExecutor
-    from lens._units import DetectorSpec
+    from lens._units import DetectorSpec, UnitCost
 
     running: set[tuple[str, str]] = set()
     started: list[tuple[str, str, frozenset, tuple]] = []
@@ -48,7 +48,7 @@ def test_ray_stage_scheduler_runs_independent_stages_at_once_and_others_in_order
 
     def get(ref):
         running.discard(ref)
-        return f"result of {ref[1]}"
+        return f"result of {ref[1]}", UnitCost(1.0, 2.0)
 
     executor = object.__new__(RayExecutor)
     executor.ray = SimpleNamespace(put=lambda value: value, wait=lambda refs, num_returns: (refs[:1], refs[1:]), get=get)
@@ -58,7 +58,8 @@ def test_ray_stage_scheduler_runs_independent_stages_at_once_and_others_in_order
         "contextual": (DetectorSpec("contextual", {}, 0, "auto"), [], {"warmup": 1}, ["train", "evaluate"]),
     }
     results = list(executor.stages(chains))
-    assert sorted((d, n) for d, n, _ in results) == sorted((d, n) for d, chain in chains.items() for n in chain[3])
+    assert all(cost == UnitCost(1.0, 2.0) for *_, cost in results)
+    assert sorted((d, n) for d, n, _, _ in results) == sorted((d, n) for d, chain in chains.items() for n in chain[3])
     assert max(sum(d == "circuits" for d, _ in at_start) for _, _, at_start, _ in started) == 2, "two tasks at once (the third worker took contextual)"
     assert all(sum(d == "contextual" for d, _ in at_start) <= 1 for _, _, at_start, _ in started)
     earlier = {(d, n): before for d, n, _, before in started}

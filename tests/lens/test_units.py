@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from lens._store.store import ReportStore
-from lens._units import Checkpoints, RunLockedError, Unit, map_units, unfinished_runs
+from lens._units import Checkpoints, RunLockedError, Unit, UnitCost, map_units, timed, unfinished_runs
 from probes._base import merge_values
 
 
@@ -41,6 +41,22 @@ def test_checkpoints_are_atomic_and_listed(tmp_path):
     assert (run["run_id"], run["units_done"], run["map_units"]) == ("run-a", 1, 2)
     checkpoints.clear()
     assert unfinished_runs(store) == []
+
+
+def test_checkpoints_sum_unit_costs_only_when_every_unit_has_one(tmp_path):
+    checkpoints = Checkpoints(ReportStore(tmp_path / "store"), "run-a")
+    first, second, third = (Unit("sinks", "map", f"map-000{i}") for i in range(3))
+    checkpoints.save(first, {}, UnitCost(1.5, 3.0))
+    checkpoints.save(second, {}, UnitCost(2.0, 1.0))
+    checkpoints.save(third, {})  # kept before costs were recorded
+    assert checkpoints.cost([first, second]) == UnitCost(3.5, 4.0)
+    assert checkpoints.cost([first, third]) is None
+    assert checkpoints.count() == 3  # a cost is not a unit
+
+
+def test_timed_returns_the_result_and_what_it_cost():
+    result, cost = timed(sum, range(1000))
+    assert result == sum(range(1000)) and cost.wall_s >= 0 and cost.cpu_s >= 0
 
 
 def test_a_run_is_computed_by_one_process_at_a_time(tmp_path):
