@@ -83,9 +83,10 @@ class PlantedStore:
         self.summaries = summaries
 
     def runs(self):
-        # Each run's census took (its number) minutes: r1 1 min, r2 2 min, ...
+        # Each run's census spanned (its number) minutes: r1 1 min, r2 2 min, ...; r1 recorded its units' costs.
         return pd.DataFrame([{"run_id": run, "model": model, "started_at": "2026-12-03T10:00:00+00:00",
-                              "finished_at": f"2026-12-03T10:0{run[1:]}:00+00:00"} for run, model in self.summaries])
+                              "finished_at": f"2026-12-03T10:0{run[1:]}:00+00:00",
+                              "compute_s": 50.0 if run == "r1" else None, "cpu_s": 95.0 if run == "r1" else None} for run, model in self.summaries])
 
     def read(self, report_type, run_id):
         assert report_type == "summary"
@@ -106,7 +107,8 @@ def test_markdown_has_a_column_per_model_and_the_papers_verdicts():
     large_b = _summary("retrieval", [("retrieval.masking_effect_k10_random", 0.05, 0.2, 0.01)])
     store = PlantedStore({("r1", "small"): small, ("r2", "large"): large_a, ("r3", "large"): large_b})
     text = claims_markdown(store, ["r1", "r2", "r3"])
-    assert "Runs (census time): small (r1, 1 min 0 s); large (r2, 2 min 0 s; r3, 3 min 0 s)." in text
+    assert ("Runs (census time): small (r1, 50 s computing (1 min 35 s CPU)); "
+            "large (r2, 2 min 0 s start to finish; r3, 3 min 0 s start to finish).") in text
     lines = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[1:-1]] for line in text.splitlines() if line.startswith("| retrieval.")}
     header = [cell.strip() for cell in next(line for line in text.splitlines() if line.startswith("| claim")).split("|")[1:-1]]
     assert header == ["claim", "what it means", "small", "large", "paper", "verdict"]
