@@ -271,6 +271,9 @@ def _cmd_report(args) -> int:
                 # A page with a results section (the README): only that section is rewritten, its tables under the page's headings.
                 tables = claims_markdown(store, run_ids, args.paper_claims, patterns, heading_level=3)
                 _print_or_write(tables, args.markdown, args.section)
+            elif page.exists():  # never overwrite a page the tables were not written into
+                raise ReportError(f"{page} exists and has no <!-- {args.section}:begin --> / <!-- {args.section}:end --> markers: "
+                                  "add them where the tables go, or give a new file")
             else:
                 page.write_text(claims_markdown(store, run_ids, args.paper_claims, patterns), encoding="utf-8")
             print(f"claims of {len(run_ids)} run(s) written to {args.markdown}")

@@ -271,6 +271,9 @@ def test_report_markdown_rewrites_only_the_results_section_of_a_page(capsys, tmp
     section = text.split("<!-- results:begin -->")[1]
     assert "### sinks" in section and "sinks.sink_rate" in section and "sinks.first_token_importance" not in section  # paper claims only
     assert f"tiny-llama ({run_id}, " in section
+    # A page without the section's markers is never overwritten: one line, exit 2, the page as it was.
+    code, _, err = _run(capsys, "report", "--store", str(store), "--run", run_id, "--markdown", str(page), "--section", "circuits")
+    assert code == 2 and err.count("\n") == 1 and "has no <!-- circuits:begin -->" in err and page.read_text() == text
 
 
 def test_census_says_what_it_reused_and_from_which_run(capsys, tmp_path):
