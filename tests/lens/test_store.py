@@ -81,11 +81,11 @@ def test_file_with_nulls_in_a_non_nullable_column_names_file_and_column(store):
 def test_a_file_written_before_a_nullable_column_was_added_reads_it_as_null(store):
     manifest = {"model_fingerprint": "f", "params": "{}", "probe_hash": "h", "n_probes": 1, "seed": 0, "bos": "auto", "bos_token": "",
                 "bos_added": False, "versions": "{}", "device": "cpu", "started_at": "t0", "finished_at": "t1", "reports": "sinks",
-                "dtype": "torch.float32", "reused_from": None}
+                "dtype": "torch.float32", "reused_from": None, "compute_s": 1.5, "cpu_s": 2.5}
     path = store.write(lens.Report("runs", pd.DataFrame([manifest]), run_id="r1", model="m", detector="sinks"))
-    pd.read_parquet(path).drop(columns=["dtype", "reused_from"]).to_parquet(path)  # as the store wrote it before
+    pd.read_parquet(path).drop(columns=["dtype", "reused_from", "compute_s", "cpu_s"]).to_parquet(path)  # as the store wrote it before
     row = store.runs().iloc[0]
-    assert row["device"] == "cpu" and pd.isna(row["dtype"]) and pd.isna(row["reused_from"])
+    assert row["device"] == "cpu" and pd.isna(row["dtype"]) and pd.isna(row["reused_from"]) and pd.isna(row["compute_s"])
     pd.read_parquet(path).drop(columns=["device"]).to_parquet(path)  # a column that may not be null stays required
     with pytest.raises(SchemaMismatchError, match=f"{path}.*missing column 'device'"):
         store.runs()
@@ -180,7 +180,7 @@ def test_filters_are_pushed_down_and_results_match_pandas_filtering(store):
 def _manifest(run_id: str, model: str = "m", started_at: str = "2026-01-01T00:00:00Z") -> lens.Report:
     from lens._store.store import RUNS
 
-    values = {"string": "x", "int64": 1, "bool": True}
+    values = {"string": "x", "int64": 1, "bool": True, "float64": 1.0}
     frame = pd.DataFrame({c.name: [values[c.dtype]] for c in RUNS.columns}).assign(started_at=started_at)
     return lens.Report("runs", frame, run_id=run_id, model=model, detector="sinks")
 
