@@ -296,8 +296,9 @@ def _cmd_runs(args) -> int:
     store = lens.ReportStore(args.store)
     unfinished = unfinished_runs(store)
     for run in unfinished:
-        print(f"unfinished run {run['run_id']} ({run['model']}: {', '.join(run['detectors'])}): {run['units_done']} units done, "
-              f"{run['map_units']} probe shards planned; resume: {run['command'] or 'run the same census again'}")
+        print(f"unfinished run {run['run_id']} ({run['model']}: {', '.join(run['detectors'])}): {run['units_done']} units done "
+              f"({run['compute_s_so_far'] / 60:.1f} min of compute recorded), {run['map_units']} probe shards planned; "
+              f"resume: {run['command'] or 'run the same census again'}")
     runs = store.runs()
     if runs.empty:
         print(f"no finished runs in {args.store}")

@@ -202,6 +202,11 @@ class Checkpoints:
     def count(self) -> int:
         return sum(1 for _ in self.folder.rglob("*.pt")) if self.folder.exists() else 0
 
+    def recorded_cost(self) -> UnitCost:
+        """What the finished units that recorded their cost took, so far."""
+        files = self.folder.rglob("*.cost.json") if self.folder.exists() else []
+        return sum((UnitCost(**json.loads(f.read_text(encoding="utf-8"))) for f in files), UnitCost(0.0, 0.0))
+
     def clear(self) -> None:
         """Remove the run's unit outputs once its reports and manifest are written."""
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -225,7 +230,8 @@ class Checkpoints:
 
 
 def unfinished_runs(store: ReportStore) -> list[dict[str, Any]]:
-    """Runs with a plan and no manifest: their plan (command, units) and how many units are done."""
+    """Runs with a plan and no manifest: their plan (command, units), how many units are done and the
+    compute those recorded (units kept before costs were recorded count as none)."""
     root = store.path / "units"
     if not root.exists():
         return []
@@ -236,7 +242,8 @@ def unfinished_runs(store: ReportStore) -> list[dict[str, Any]]:
         if folder.name in finished or not plan_file.exists():
             continue
         checkpoints = Checkpoints(store, folder.name)
-        rows.append({**checkpoints.read_plan(), "run_id": folder.name, "units_done": checkpoints.count()})
+        rows.append({**checkpoints.read_plan(), "run_id": folder.name, "units_done": checkpoints.count(),
+                     "compute_s_so_far": checkpoints.recorded_cost().wall_s})
     return rows
 
 

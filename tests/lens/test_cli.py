@@ -143,6 +143,17 @@ def test_census_end_to_end_via_python_m(tmp_path):
     assert "tiny-llama" in runs.stdout and "sinks" in runs.stdout
 
 
+def test_runs_lists_an_unfinished_run_with_its_recorded_compute(capsys, tmp_path):
+    import lens
+    from lens._units import Checkpoints, Unit, UnitCost
+
+    checkpoints = Checkpoints(lens.ReportStore(tmp_path / "store"), "run-a")
+    checkpoints.write_plan({"model": "m", "detectors": ["sinks"], "map_units": 2, "command": "lens census --store S", "created_at": "t"})
+    checkpoints.save(Unit("sinks", "map", "map-0000"), {}, UnitCost(90.0, 170.0))
+    code, out, _ = _run(capsys, "runs", "--store", str(tmp_path / "store"))
+    assert code == 0 and "unfinished run run-a (m: sinks): 1 units done (1.5 min of compute recorded), 2 probe shards planned" in out
+
+
 def test_bos_flag_is_used_and_recorded(capsys, tmp_path):
     import lens
 

@@ -52,6 +52,10 @@ def test_checkpoints_sum_unit_costs_only_when_every_unit_has_one(tmp_path):
     assert checkpoints.cost([first, second]) == UnitCost(3.5, 4.0)
     assert checkpoints.cost([first, third]) is None
     assert checkpoints.count() == 3  # a cost is not a unit
+    assert checkpoints.recorded_cost() == UnitCost(3.5, 4.0)
+    checkpoints.write_plan({"model": "m", "detectors": ["sinks"], "map_units": 3, "command": "lens census", "created_at": "t"})
+    [run] = unfinished_runs(checkpoints.store)
+    assert run["units_done"] == 3 and run["compute_s_so_far"] == 3.5
 
 
 def test_timed_returns_the_result_and_what_it_cost():
