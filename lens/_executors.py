@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import probes as detector_registry
-from lens._units import DetectorSpec, Unit, UnitCost, load_spec, reduce_detector, run_map, run_stage, timed
+from lens._units import NO_COST, DetectorSpec, Unit, UnitCost, load_spec, reduce_detector, run_map, run_stage, timed
 
 EXECUTORS = ("local", "ray")
 
@@ -41,7 +41,7 @@ class LocalExecutor:
                 result, cost = timed(reducer.run_stage, name)
                 reducer.stage_results[name] = result
                 yield detector, name, result, cost + merge_cost
-                merge_cost = UnitCost(0.0, 0.0)
+                merge_cost = NO_COST
 
     def close(self) -> None:
         pass

@@ -99,6 +99,13 @@ class UnitCost:
     def __add__(self, other: UnitCost) -> UnitCost:
         return UnitCost(self.wall_s + other.wall_s, self.cpu_s + other.cpu_s)
 
+    @classmethod
+    def read(cls, path: Path) -> UnitCost:
+        return cls(**json.loads(path.read_text(encoding="utf-8")))
+
+
+NO_COST = UnitCost(0.0, 0.0)
+
 
 def timed(function: Callable[..., Any], *args, **kwargs) -> tuple[Any, UnitCost]:
     """``function(*args, **kwargs)`` and what it cost."""
@@ -178,13 +185,10 @@ class Checkpoints:
     def cost(self, units: Iterable[Unit]) -> UnitCost | None:
         """The summed cost of these finished units; None when one was kept without its cost (a unit
         finished before costs were recorded), since a partial sum would understate the run."""
-        total = UnitCost(0.0, 0.0)
-        for unit in units:
-            path = self._cost_path(unit)
-            if not path.exists():
-                return None
-            total = total + UnitCost(**json.loads(path.read_text(encoding="utf-8")))
-        return total
+        paths = [self._cost_path(unit) for unit in units]
+        if not all(path.exists() for path in paths):
+            return None
+        return sum(map(UnitCost.read, paths), NO_COST)
 
     def load(self, unit: Unit) -> Any:
         try:
@@ -205,7 +209,7 @@ class Checkpoints:
     def recorded_cost(self) -> UnitCost:
         """What the finished units that recorded their cost took, so far."""
         files = self.folder.rglob("*.cost.json") if self.folder.exists() else []
-        return sum((UnitCost(**json.loads(f.read_text(encoding="utf-8"))) for f in files), UnitCost(0.0, 0.0))
+        return sum(map(UnitCost.read, files), NO_COST)
 
     def clear(self) -> None:
         """Remove the run's unit outputs once its reports and manifest are written."""
