@@ -366,6 +366,29 @@ def _projection_rows(model, slots: list[tuple[int, str, slice]], record: dict | 
             handle.remove()
 
 
+class _Stopped(Exception):
+    """Raised by ``_stop_after``'s hook to end a forward pass early."""
+
+
+@contextmanager
+def _stop_after(model, layer: int | None) -> Iterator[None]:
+    """Inside the block, a forward pass ends (``_Stopped``) once decoder layer ``layer`` has run (None:
+    it runs to the end). Only for a pass that is the last in its ``continuing`` block: the block's
+    cache (a copy of the prefix) is left part-extended and is dropped with the block."""
+    if layer is None:
+        yield
+        return
+
+    def stop(_module, _inputs, _output):
+        raise _Stopped
+
+    handle = model.layers()[layer].register_forward_hook(stop)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @dataclass
 class Pair:
     task: str
@@ -548,21 +571,27 @@ class Circuits(Detector):
         return (logits[:, 0] - logits[:, 1]).cpu()
 
     def _suffix_run(
-        self, pair: Pair, start: int, suffix: Int[Tensor, " pos"], n: int, interventions=(), slots=(), record=None, replace=None
-    ) -> Float[Tensor, " batch"]:
+        self, pair: Pair, start: int, suffix: Int[Tensor, " pos"], n: int, interventions=(), slots=(), record=None, replace=None,
+        through_layer: int | None = None,
+    ) -> Float[Tensor, " batch"] | None:
         """LD of ``n`` copies of clean[:start] + ``suffix``: the clean prefix is one KV cache (nothing
         before ``start`` depends on what is patched from there on), the suffix runs batched under
-        ``interventions`` and the q/k/v ``slots`` recorded or replaced."""
+        ``interventions`` and the q/k/v ``slots`` recorded or replaced. With ``through_layer``, the
+        run stops after that layer (for what it records) and gives no LD."""
         model = self.model
         if start > 0 and start not in pair.suffix_prefixes:
             pair.suffix_prefixes[start] = model.run_prefix(pair.clean[:start])
-        with (torch.no_grad(), session(model, (), list(interventions)), _projection_rows(model, list(slots), record, replace),
-              model.continuing(pair.suffix_prefixes.get(start)) as run):
-            return self._answer_ld(pair, run(suffix[None].expand(n, -1))[:, -1])
+        try:
+            with (torch.no_grad(), session(model, (), list(interventions)), _projection_rows(model, list(slots), record, replace),
+                  _stop_after(model, through_layer), model.continuing(pair.suffix_prefixes.get(start)) as run):
+                return self._answer_ld(pair, run(suffix[None].expand(n, -1))[:, -1])
+        except _Stopped:
+            return None
 
     def _z_at(self, pair: Pair, start: int, tokens: Int[Tensor, " pos"]) -> Float[Tensor, "layer head d_head"]:
+        """Every head's z at position ``start`` of ``tokens`` (after the clean prefix, which they share)."""
         taps = [ZTap(layer, row=0) for layer in range(self.model.info.n_layers)]
-        self._suffix_run(pair, start, tokens[start:], 1, taps)
+        self._suffix_run(pair, start, tokens[start : start + 1], 1, taps)
         return torch.stack([tap.z[0] for tap in taps]).float().cpu()
 
     def _receiver_slots(self, receivers: Bool[Tensor, "layer head"], via: str) -> list[tuple[int, str, slice]]:
@@ -598,7 +627,11 @@ class Circuits(Detector):
         slots = [] if receivers is None else self._receiver_slots(receivers, stage.via)
         patched = torch.full((n_heads,), pair.ld_clean)
         suffix = pair.clean[start:]
-        at = start - length  # the stage's position, counted from the end: the suffix's first row
+        # Pass 1 for receiving heads reads their inputs at the stage's position only: causal attention
+        # computes that row from the cached prefix and the row itself, so it runs one token and stops
+        # after the top receiver's layer. To the logits, it runs the whole suffix to the end.
+        first_pass = suffix if receivers is None else suffix[:1]
+        at = -len(first_pass)  # the stage's position, counted from the end: the first row
         batch = max(1, min(self.params.batch_size, BATCHED_CACHE_BYTES // max(1, self._cache_bytes_per_sequence(length))))
         for lo in range(0, len(senders), batch):
             chunk = torch.tensor(senders[lo : lo + batch])
@@ -617,7 +650,7 @@ class Circuits(Detector):
                 patched[chunk] = self._suffix_run(pair, start, suffix, n, edits)
                 continue
             recorded: dict = {}
-            self._suffix_run(pair, start, suffix, n, edits, slots, record=recorded)
+            self._suffix_run(pair, start, first_pass, n, edits, slots, record=recorded, through_layer=top_layer)
             patched[chunk] = self._suffix_run(pair, start, suffix, n, (), slots, replace=recorded)
         return patched
 

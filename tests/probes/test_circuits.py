@@ -15,7 +15,9 @@ import torch
 import lens
 from metrics.circuits import logit_difference
 from probes import ProbeError
-from probes.circuits import BUILTIN_TASKS, CircuitParams, Circuits, Pair, Stage, generate_pairs, task_stages
+from lens._capture.interventions import ReplaceZ
+from lens._capture.needs import Logits
+from probes.circuits import BUILTIN_TASKS, CircuitParams, Circuits, Pair, Stage, ZTap, generate_pairs, task_stages
 
 
 def write_probes(path, probes):
@@ -250,6 +252,73 @@ def test_path_patching_to_logits_is_activation_patching_on_the_real_model(smollm
     last = slice((smollm2.info.n_layers - 1) * smollm2.info.n_heads, None)
     torch.testing.assert_close(frozen[last], exact[last], atol=2e-4, rtol=0)
     assert (frozen - exact).abs().max() > 1e-3  # freezing matters for earlier heads: not the same measurement
+
+
+def full_prompt_path_patch(detector: Circuits, pair: Pair, stage: Stage, receivers: torch.Tensor, senders: list[int]) -> torch.Tensor:
+    """Path patching the plain way: whole-prompt forward passes, no prefix cache, no shortcut. Pass 1
+    patches the sender's z at the stage's position (every other head frozen to clean) and records the
+    receivers' q/k/v rows there; pass 2 replaces only those rows. LD_patched per sender."""
+    model, info = detector.model, detector.model.info
+    start = len(pair.clean) - 1 if stage.position == "final" else pair.first_difference
+
+    def z_at(tokens):
+        taps = [ZTap(layer, row=start) for layer in range(info.n_layers)]
+        lens.capture(model, tokens[None], [], taps)
+        return torch.stack([tap.z[0] for tap in taps]).float()
+
+    def hooked_ld(interventions, edit_row):
+        handles = [model.projection(layer, name).register_forward_hook(edit_row(layer, name, columns)) for layer, name, columns in slots]
+        logits = []
+        try:
+            lens.capture(model, pair.clean[None], [Logits(logits.append)], interventions)
+        finally:
+            for handle in handles:
+                handle.remove()
+        final = logits[0][0, -1].float()
+        return float(final[pair.target] - final[pair.foil])
+
+    z_clean, z_corrupt = z_at(pair.clean), z_at(pair.corrupt)
+    top = int(receivers.nonzero()[:, 0].max())
+    slots = detector._receiver_slots(receivers, stage.via)
+    every_head = torch.ones(1, info.n_heads, dtype=torch.bool)
+    patched = []
+    for sender in senders:
+        values = z_clean.clone()
+        values[sender // info.n_heads, sender % info.n_heads] = z_corrupt[sender // info.n_heads, sender % info.n_heads]
+        recorded = {}
+
+        def record(layer, name, columns):
+            def hook(_module, _inputs, output):
+                recorded[layer, name, columns.start] = output[:, start, columns].detach().clone()
+            return hook
+
+        def replace(layer, name, columns):
+            def hook(_module, _inputs, output):
+                output = output.clone()
+                output[:, start, columns] = recorded[layer, name, columns.start]
+                return output
+            return hook
+
+        hooked_ld([ReplaceZ(layer, [start], values[layer][None, None], every_head) for layer in range(top + 1)], record)
+        patched.append(hooked_ld([], replace))
+    return torch.tensor(patched)
+
+
+@pytest.mark.parametrize("stage", [Stage("inhibition", "movers", "q"), Stage("induction", "inhibition", "kv", "first_difference")], ids=["q-final", "kv-first-difference"])
+def test_path_patching_through_receivers_equals_whole_prompt_passes_on_the_real_model(smollm2, stage):
+    """SmolLM2, an IOI pair, receivers in a middle layer: the detector's path patching (prefix cache,
+    pass 1 run one token deep and stopped after the top receiver's layer) equals plain whole-prompt
+    forward passes, for senders below the receivers, and the patch moves the LD."""
+    detector, (pair,) = run_pairs(smollm2, "ioi", 1)
+    n_heads = smollm2.info.n_heads
+    receivers = torch.zeros(smollm2.info.n_layers, n_heads, dtype=torch.bool)
+    receivers[12, [1, 4]] = True
+    receivers[15, 0] = True
+    fast = detector._path_patch(pair, stage, receivers)
+    senders = [0, 3 * n_heads + 2, 8 * n_heads + 5, 11 * n_heads + 8, 14 * n_heads + 7]
+    torch.testing.assert_close(fast[senders], full_prompt_path_patch(detector, pair, stage, receivers, senders), atol=2e-4, rtol=0)
+    assert (fast[: 15 * n_heads] - pair.ld_clean).abs().max() > 1e-3  # some sender moves the receivers
+    assert (fast[15 * n_heads :] == pair.ld_clean).all()  # heads at or above the top receiver's layer send nothing
 
 
 def test_activation_patching_equals_transformer_lens_on_the_bridge(smollm2):
